@@ -1,0 +1,49 @@
+"""bn-diff: make PyTorch BatchNorm transparent.
+
+Public API (mirrors the CLI):
+    report = bn_diff.run(model, inputs, mode="as-is", atol=None, rtol=None)
+    bool(report)        # every BN layer agrees with its float64 recompute
+    report.to_json()    # schema "bn-diff/run/v1"
+
+Attributes are imported lazily so that `bn-diff --help` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "run": "pipeline",
+    "run_files": "pipeline",
+    "BnDiffError": "errors",
+    "ExitCode": "errors",
+    "InputError": "errors",
+    "ModelError": "errors",
+    "UsageError": "errors",
+    "ChannelStats": "results",
+    "Finding": "results",
+    "Hypothesis": "results",
+    "LayerInfo": "results",
+    "LayerResult": "results",
+    "RunningUpdate": "results",
+    "RunReport": "results",
+    "Tolerance": "results",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'bn_diff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

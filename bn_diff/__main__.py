@@ -1,0 +1,5 @@
+"""`python -m bn_diff`."""
+
+from .cli import main
+
+main()

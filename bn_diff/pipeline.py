@@ -1,0 +1,426 @@
+"""Wires the stages: load -> capture -> recompute -> compare -> (diagnose) -> report.
+
+What the CLI and the Python API both call. Nothing here prints, exits or reads argv.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import load as load_mod
+from .capture import BnCall, Capture, is_bn_like, named_modules
+from .compare import close, compare, dtype_name, resolve, rounding_allowance
+from .errors import BnDiffError, ModelError, UsageError
+from .recompute import Moments, as_f64, channel_moments, coefficients, running_update
+from .results import (
+    ChannelStats,
+    Finding,
+    LayerInfo,
+    LayerResult,
+    RunningUpdate,
+    RunReport,
+    Tolerance,
+)
+
+Extension = Callable[[BnCall, LayerResult], LayerResult]
+"""A later stage that sees each call while its tensors are alive (diagnosis, explain)."""
+Progress = Callable[[int, int, str], None]
+"""(calls done, BN modules in the model, name of the last call)."""
+
+
+class _HookFailure(Exception):
+    """Marks an exception raised by bn-diff's own code inside a hook (a bug, not the model's)."""
+
+
+def make_tolerance(atol: float | None, rtol: float | None, rounding_k: float = 4.0) -> Tolerance:
+    if (atol is None) != (rtol is None):
+        raise UsageError("--atol and --rtol go together", "give both, or neither for the defaults")
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise UsageError(f"--{name} must be a finite number >= 0, not {v}", None)
+    return Tolerance(atol=atol, rtol=rtol, rounding_k=rounding_k)
+
+
+# --- one BN call ------------------------------------------------------------------------------
+def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
+    """Recompute one BN call in float64 and compare it with what PyTorch produced."""
+    x = call.x.detach()
+    y = call.y.detach()
+    c = int(x.shape[1]) if x.dim() >= 2 else 1
+    if x.dim() < 2:
+        x = x.reshape(1, -1)
+        y = y.reshape(1, -1)
+        c = int(x.shape[1])
+    dev = x.device
+    mom = channel_moments(x)
+    gamma = as_f64(call.weight, c, 1.0, dev)
+    beta = as_f64(call.bias, c, 0.0, dev)
+    rm = None if call.running_mean_before is None else as_f64(call.running_mean_before, c, 0.0, dev)
+    rv = None if call.running_var_before is None else as_f64(call.running_var_before, c, 1.0, dev)
+    if call.use_batch_stats or rm is None or rv is None:
+        mean, var = mom.mean, mom.var
+    else:
+        mean, var = rm, rv
+    atol, rtol = resolve(tol, y.dtype)
+    allow = rounding_allowance(tol, y.dtype, mom, mean, var, gamma, beta, call.eps)
+    cmp = compare(x, y, mean, var, gamma, beta, call.eps, atol, rtol, allow)
+    gaps = _train_eval_gap(call, mom, gamma, beta, rm, rv)
+    update = _check_running_update(call, mom) if call.updates_running_stats else None
+    info = LayerInfo(
+        name=call.name,
+        type=call.type,
+        mode="train" if call.training else "eval",
+        stats="batch" if (call.use_batch_stats or rm is None) else "running",
+        num_features=c,
+        eps=call.eps,
+        momentum=call.momentum,
+        affine=call.affine,
+        track_running_stats=call.track_running_stats,
+        producer=call.producer,
+        dtype=dtype_name(y.dtype),
+        shape=tuple(int(s) for s in x.shape),
+        weight_frozen=_frozen(call),
+        num_batches_tracked=call.num_batches_tracked_before,
+    )
+    cols = {
+        "bm": mom.mean.tolist(),
+        "bv": mom.var.tolist(),
+        "rm": None if rm is None else rm.tolist(),
+        "rv": None if rv is None else rv.tolist(),
+        "g": None if call.weight is None else gamma.tolist(),
+        "b": None if call.bias is None else beta.tolist(),
+        "d": cmp.channel_max_abs.tolist(),
+        "n": cmp.channel_mismatched.tolist(),
+        "al": allow.tolist(),
+        "gap": None if gaps is None else gaps.tolist(),
+    }
+    channels = tuple(
+        ChannelStats(
+            index=i,
+            batch_mean=cols["bm"][i],
+            batch_var=cols["bv"][i],
+            running_mean=None if cols["rm"] is None else cols["rm"][i],
+            running_var=None if cols["rv"] is None else cols["rv"][i],
+            gamma=None if cols["g"] is None else cols["g"][i],
+            beta=None if cols["b"] is None else cols["b"][i],
+            max_abs_diff=cols["d"][i],
+            mismatched=int(cols["n"][i]),
+            tolerance=cols["al"][i],
+            train_eval_gap=None if cols["gap"] is None else cols["gap"][i],
+        )
+        for i in range(c)
+    )
+    return LayerResult(
+        info=info,
+        channels=channels,
+        numel=cmp.numel,
+        mismatched=cmp.mismatched,
+        max_abs_diff=cmp.max_abs_diff,
+        max_abs_index=cmp.max_abs_index,
+        max_rel_diff=cmp.max_rel_diff,
+        max_rel_index=cmp.max_rel_index,
+        atol=atol,
+        rtol=rtol,
+        train_eval_gap=None if gaps is None or gaps.numel() == 0 else _nanmax(gaps),
+        running_update=update,
+    )
+
+
+def _nanmax(t: torch.Tensor) -> float:
+    v = t[~t.isnan()]
+    return float(v.max().item()) if v.numel() else float("nan")
+
+
+def _frozen(call: BnCall) -> bool:
+    ps = [p for p in (call.weight, call.bias) if isinstance(p, nn.Parameter)]
+    return bool(ps) and not any(p.requires_grad for p in ps)
+
+
+def _train_eval_gap(
+    call: BnCall,
+    mom: Moments,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    rm: torch.Tensor | None,
+    rv: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Per channel, the greatest |y_other_mode - y| over the channel's inputs.
+
+    Both modes are affine in x per channel, so the gap is largest at the channel's min or max.
+    """
+    if rm is None or rv is None or mom.count == 0:
+        return None
+    a_b, b_b = coefficients(mom.mean, mom.var, gamma, beta, call.eps)
+    a_r, b_r = coefficients(rm, rv, gamma, beta, call.eps)
+    da, db = a_r - a_b, b_r - b_b
+    return torch.maximum((da * mom.min + db).abs(), (da * mom.max + db).abs())
+
+
+def _check_running_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
+    rm0, rv0 = call.running_mean_before, call.running_var_before
+    rm1, rv1 = call.running_mean_after, call.running_var_after
+    if rm0 is None or rv0 is None or rm1 is None or rv1 is None:
+        return None
+    exp = running_update(rm0, rv0, call.num_batches_tracked_before, mom, call.momentum)
+    fin = torch.finfo(rm1.dtype) if rm1.dtype.is_floating_point else torch.finfo(torch.float32)
+    k = exp.momentum_used
+    m = mom.count
+    scale_m = rm0.double().abs() + k * mom.absmax + exp.mean.abs()
+    unb = m / (m - 1) if m > 1 else 1.0
+    scale_v = rv0.double().abs() + k * unb * mom.absmax**2 + exp.var.abs()
+    dm = (rm1.double() - exp.mean).abs()
+    dv = (rv1.double() - exp.var).abs()
+    ok_m = bool((dm <= 4 * fin.eps * scale_m + 1e-12).all().item())
+    ok_v = bool((dv.nan_to_num(nan=0.0) <= 4 * fin.eps * scale_v + 1e-12).all().item())
+    nbt_ok = exp.num_batches_tracked is None or exp.num_batches_tracked == call.num_batches_tracked_after
+    return RunningUpdate(
+        momentum_used=k,
+        max_abs_diff_mean=float(dm.max().item()) if dm.numel() else 0.0,
+        max_abs_diff_var=float(dv.max().item()) if dv.numel() else 0.0,
+        num_batches_tracked_ok=nbt_ok,
+        ok=ok_m and ok_v and nbt_ok,
+        largest_mean_change=float((rm1.double() - rm0.double()).abs().max().item()),
+        largest_var_change=float((rv1.double() - rv0.double()).abs().max().item()),
+    )
+
+
+# --- a whole run ------------------------------------------------------------------------------
+def bn_layer_names(model: nn.Module) -> list[str]:
+    return [n for n, m in named_modules(model) if is_bn_like(m)]
+
+
+def _select(names: Sequence[str], globs: Sequence[str]) -> Callable[[str], bool]:
+    if not globs:
+        return lambda _n: True
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            close_names = difflib.get_close_matches(g, names, n=3, cutoff=0.5)
+            hint = "did you mean " + ", ".join(close_names) + "?" if close_names else (
+                "`bn-diff layers MODEL` lists them"
+            )
+            raise UsageError(f"--layer {g!r} matches no BatchNorm layer", hint)
+
+    def pick(name: str) -> bool:
+        base = name.split("#")[0].split(":")[0]
+        return any(fnmatch.fnmatchcase(base, g) or fnmatch.fnmatchcase(name, g) for g in globs)
+
+    return pick
+
+
+def as_inputs(inputs: Any) -> load_mod.Inputs:
+    if isinstance(inputs, load_mod.Inputs):
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return load_mod.Inputs((inputs,), {}, "tensor")
+    if isinstance(inputs, (tuple, list)):
+        return load_mod.Inputs(tuple(inputs), {}, "tensors")
+    if isinstance(inputs, dict):
+        return load_mod.Inputs((), dict(inputs), "tensors")
+    raise UsageError(f"inputs must be a tensor, a tuple/list or a dict of tensors, not {type(inputs)}")
+
+
+def run(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    mode: str = "as-is",
+    atol: float | None = None,
+    rtol: float | None = None,
+    layers: Sequence[str] = (),
+    extensions: Sequence[Extension] = (),
+    progress: Progress | None = None,
+    model_name: str = "",
+    input_name: str = "",
+    fail_on: str | None = None,
+) -> RunReport:
+    """Run `model` on `inputs`, check every BatchNorm call, and leave the model as found.
+
+    `inputs` is a tensor, a tuple/list of tensors (positional), a dict (keyword), or `Inputs`.
+    """
+    if mode not in ("as-is", "train", "eval"):
+        raise UsageError(f"--mode must be as-is, train or eval, not {mode!r}")
+    if fail_on not in (None, "info", "warning", "error"):
+        raise UsageError(f"--fail-on must be warning or error, not {fail_on!r}")
+    tol = make_tolerance(atol, rtol)
+    inp = as_inputs(inputs)
+    names = bn_layer_names(model)
+    pick = _select(names, layers)
+    results: list[LayerResult] = []
+    findings: list[Finding] = []
+
+    nonfinite = [i for i, t in enumerate(inp.tensors()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        findings.append(
+            Finding(
+                "nonfinite_input",
+                "warning",
+                "the input holds NaN or Inf values; they propagate into every BN's statistics",
+                "clean the input, unless this is what you are debugging",
+            )
+        )
+
+    def on_bn(call: BnCall) -> None:
+        if not pick(call.name):
+            return
+        try:
+            res = check_call(call, tol)
+            for ext in extensions:
+                res = ext(call, res)
+        except BnDiffError:
+            raise
+        except Exception as e:
+            raise _HookFailure() from e
+        results.append(res)
+        if progress is not None:
+            progress(len(results), len(names), call.name)
+
+    try:
+        with torch.no_grad(), Capture(model, on_bn, mode=mode):
+            model(*inp.args, **inp.kwargs)
+    except _HookFailure as e:
+        assert e.__cause__ is not None
+        raise e.__cause__ from None
+    except BnDiffError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise _model_error(model, inp, e, mode) from None
+
+    if not names and not results:
+        findings.append(
+            Finding("no_bn_layers", "info", "the model has no BatchNorm layers; nothing to check")
+        )
+    return RunReport(
+        model=model_name or type(model).__name__,
+        input=input_name or inp.source,
+        mode=mode,
+        tolerance=tol,
+        layers=tuple(results),
+        findings=tuple(findings),
+        device=str(next((t.device for t in inp.tensors()), "cpu")),
+        fail_on=fail_on,  # type: ignore[arg-type]
+    )
+
+
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, m in named_modules(model):
+        if hasattr(m, "in_channels") or hasattr(m, "in_features") or is_bn_like(m):
+            return name, m
+    return None
+
+
+def _model_error(model: nn.Module, inp: load_mod.Inputs, e: Exception, mode: str) -> ModelError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    shapes = ", ".join(str(tuple(t.shape)) for t in inp.tensors())
+    if "Expected more than 1 value per channel when training" in msg:
+        return ModelError(
+            f"a BatchNorm layer in train mode got one value per channel (input {shapes}): the batch "
+            "variance of a single value is 0, so PyTorch refuses",
+            "use a batch of 2 or more, or --mode eval to use the running statistics",
+        )
+    first = _first_layer(model)
+    if first is not None and re.search(r"channels|size mismatch|shape|mat1 and mat2", msg):
+        name, m = first
+        want = getattr(m, "in_channels", None) or getattr(m, "in_features", None) or getattr(
+            m, "num_features", None
+        )
+        return ModelError(
+            f"the model cannot run on input {shapes}: its first layer {name} "
+            f"({type(m).__name__}) expects {want} input channels ({msg[:120]})",
+            "check the input file, or --input-shape",
+        )
+    if re.search(r"dtype|type \(|should be the same", msg):
+        return ModelError(f"the model cannot run on input {shapes}: {msg[:200]}", "cast the input to the model's dtype")
+    return ModelError(f"the model's forward failed on input {shapes}: {msg[:200]}", None)
+
+
+def run_files(
+    model_path: Path,
+    input_path: Path | None,
+    *,
+    input_shape: str | None = None,
+    seed: int = 0,
+    arch: str | None = None,
+    trust: bool = False,
+    imports: Sequence[str] = (),
+    pythonpath: Sequence[str] = (),
+    device: str = "cpu",
+    **kwargs: Any,
+) -> RunReport:
+    """`bn-diff run MODEL INPUT`: load both, then `run`."""
+    model = load_mod.load_model(model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath)
+    inp = load_inputs(input_path, input_shape, seed)
+    if device != "cpu":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
+        model = model.to(device)
+        inp = inp.to(device)
+    return run(model, inp, model_name=str(model_path), input_name=inp.source, **kwargs)
+
+
+def load_inputs(input_path: Path | None, input_shape: str | None, seed: int) -> load_mod.Inputs:
+    if input_path is not None and input_shape is not None:
+        raise UsageError("give INPUT or --input-shape, not both")
+    if input_path is None:
+        if input_shape is None:
+            raise UsageError("missing INPUT", "pass an input file, or --input-shape 8,3,224,224")
+        return load_mod.synthetic_input(load_mod.parse_shape(input_shape), seed)
+    return load_mod.load_inputs(input_path)
+
+
+def with_findings(result: LayerResult, extra: Sequence[Finding]) -> LayerResult:
+    return replace(result, findings=result.findings + tuple(extra))
+
+
+__all__ = ["check_call", "run", "run_files", "make_tolerance", "close", "with_findings"]
+
+
+def describe_layers(model: nn.Module) -> list[dict[str, Any]]:
+    """Conv and normalization layers with their configuration, in module order (no forward)."""
+    from .capture import CONV_TYPES, NORM_TYPES
+
+    rows: list[dict[str, Any]] = []
+    for name, m in named_modules(model):
+        if isinstance(m, CONV_TYPES):
+            cfg: dict[str, Any] = {
+                "in_channels": m.in_channels,
+                "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size),
+                "stride": list(m.stride),
+                "groups": m.groups,
+                "bias": m.bias is not None,
+            }
+            kind = "conv"
+        elif is_bn_like(m):
+            rm = getattr(m, "running_mean", None)
+            nbt = getattr(m, "num_batches_tracked", None)
+            cfg = {
+                "num_features": int(getattr(m, "num_features", rm.numel() if rm is not None else 0)),
+                "eps": float(getattr(m, "eps", 0.0)),
+                "momentum": getattr(m, "momentum", None),
+                "affine": bool(getattr(m, "affine", True)),
+                "track_running_stats": bool(getattr(m, "track_running_stats", True)),
+                "training": m.training,
+                "num_batches_tracked": None if nbt is None else int(nbt.item()),
+            }
+            kind = "batchnorm"
+        elif isinstance(m, NORM_TYPES):
+            cfg = {"training": m.training}
+            for attr in ("normalized_shape", "num_groups", "num_channels", "num_features", "eps"):
+                if hasattr(m, attr):
+                    v = getattr(m, attr)
+                    cfg[attr] = list(v) if isinstance(v, tuple) else v
+            kind = "norm"
+        else:
+            continue
+        rows.append({"name": name, "type": type(m).__name__, "kind": kind, "config": cfg})
+    return rows

@@ -1,0 +1,187 @@
+"""BatchNorm by hand in float64: pure functions, no hooks, no I/O.
+
+The contract (DESIGN.md, "The arithmetic"): x has shape (N, C, *S); statistics reduce over every
+axis except 1; m = N·prod(S).
+  train: y = gamma * (x - mean_B) / sqrt(var_B + eps) + beta   (var_B biased)
+  eval:  y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+Everything is computed in float64 on the tensor's own device, a bounded chunk at a time, so that a
+huge activation never gets a float64 twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+F64 = torch.float64
+
+CHUNK_ELEMS = 1 << 17
+"""Elements per chunk (1 MiB of float64): small enough to stay in cache, large enough to amortise
+the per-call overhead of torch ops."""
+
+
+def reduce_dims(ndim: int) -> tuple[int, ...]:
+    """Axes the per-channel statistics reduce over: all but axis 1."""
+    return (0, *range(2, ndim))
+
+
+def values_per_channel(shape: tuple[int, ...] | torch.Size) -> int:
+    """m = N·prod(S): how many values each channel's statistics are computed from."""
+    m = int(shape[0])
+    for s in shape[2:]:
+        m *= int(s)
+    return m
+
+
+def chunks(shape: tuple[int, ...] | torch.Size, target: int = CHUNK_ELEMS) -> Iterator[tuple[slice, slice]]:
+    """(sample slice, channel slice) blocks of about `target` elements covering an (N, C, *S) tensor.
+
+    A block is at least one (sample, channel) plane.
+    """
+    n, c = int(shape[0]), int(shape[1])
+    plane = 1
+    for s in shape[2:]:
+        plane *= int(s)
+    plane = max(plane, 1)
+    if plane * c <= target:
+        nb = max(1, target // max(plane * c, 1))
+        for n0 in range(0, n, nb):
+            yield slice(n0, min(n, n0 + nb)), slice(0, c)
+    else:
+        cb = max(1, target // plane)
+        for n0 in range(n):
+            for c0 in range(0, c, cb):
+                yield slice(n0, n0 + 1), slice(c0, min(c, c0 + cb))
+
+
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """Per-channel statistics of a tensor, all float64 tensors of shape (C,)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    """Biased variance (divides by m)."""
+    min: torch.Tensor
+    max: torch.Tensor
+    count: int
+    """m, the values per channel."""
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.min.abs(), self.max.abs())
+
+    @property
+    def var_unbiased(self) -> torch.Tensor:
+        """var·m/(m-1): what PyTorch folds into running_var (NaN for m = 1)."""
+        if self.count <= 1:
+            return torch.full_like(self.var, float("nan"))
+        return self.var * (self.count / (self.count - 1))
+
+
+def channel_moments(x: torch.Tensor) -> Moments:
+    """Mean, biased variance, min and max per channel, in float64, one bounded chunk at a time.
+
+    Chunks are merged with Chan's parallel update, which is as exact as a two-pass algorithm.
+    """
+    c = int(x.shape[1])
+    dev = x.device
+    mean = torch.zeros(c, dtype=F64, device=dev)
+    m2 = torch.zeros(c, dtype=F64, device=dev)
+    lo = torch.full((c,), float("inf"), dtype=F64, device=dev)
+    hi = torch.full((c,), float("-inf"), dtype=F64, device=dev)
+    count = torch.zeros(c, dtype=F64, device=dev)
+    dims = reduce_dims(x.dim())
+    for ns, cs in chunks(x.shape):
+        xc = x[ns, cs].to(F64)
+        nb = values_per_channel(xc.shape)
+        if nb == 0:
+            continue
+        cm = xc.mean(dim=dims)
+        d = xc - _bcast(cm, xc.dim())
+        cm2 = (d * d).sum(dim=dims)
+        n_a = count[cs]
+        tot = n_a + nb
+        delta = cm - mean[cs]
+        mean[cs] += delta * (nb / tot)
+        m2[cs] += cm2 + delta * delta * (n_a * nb / tot)
+        count[cs] = tot
+        lo[cs] = torch.minimum(lo[cs], xc.amin(dim=dims))
+        hi[cs] = torch.maximum(hi[cs], xc.amax(dim=dims))
+    m = values_per_channel(x.shape)
+    var = m2 / m if m > 0 else torch.full_like(m2, float("nan"))
+    if m == 0:
+        mean = torch.full_like(mean, float("nan"))
+    return Moments(mean=mean, var=var, min=lo, max=hi, count=m)
+
+
+def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Shape a (C,) vector to broadcast along axis 1 of an ndim tensor."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def as_f64(v: torch.Tensor | None, c: int, fill: float, device: torch.device) -> torch.Tensor:
+    """A (C,) float64 copy of a parameter or buffer; `fill` when it is None (affine=False)."""
+    if v is None:
+        return torch.full((c,), fill, dtype=F64, device=device)
+    return v.detach().to(device=device, dtype=F64).reshape(-1)
+
+
+def coefficients(
+    mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with y = a·x + b per channel: a = gamma/sqrt(var+eps), b = beta - a·mean."""
+    a = gamma / torch.sqrt(var + eps)
+    return a, beta - a * mean
+
+
+def batch_norm_by_hand(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, literally, in float64.
+
+    `x` may be any chunk whose axis 1 matches the (C,) vectors given.
+    """
+    nd = x.dim()
+    x64 = x.to(F64)
+    y = (x64 - _bcast(mean, nd)) / torch.sqrt(_bcast(var, nd) + eps)
+    return y * _bcast(gamma, nd) + _bcast(beta, nd)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningStats:
+    """Running buffers after one train-mode forward, as PyTorch should have written them."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    num_batches_tracked: int | None
+    momentum_used: float
+
+
+def running_update(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: int | None,
+    moments: Moments,
+    momentum: float | None,
+) -> RunningStats:
+    """new = (1-k)·old + k·batch, with the *unbiased* batch variance for running_var.
+
+    k = momentum, or 1/num_batches_tracked (after its increment) when momentum is None.
+    """
+    nbt = None if num_batches_tracked is None else num_batches_tracked + 1
+    if momentum is None:
+        k = 1.0 / nbt if nbt else 0.0
+    else:
+        k = float(momentum)
+    rm = running_mean.to(F64)
+    rv = running_var.to(F64)
+    new_mean = (1 - k) * rm + k * moments.mean
+    new_var = (1 - k) * rv + k * moments.var_unbiased
+    return RunningStats(mean=new_mean, var=new_var, num_batches_tracked=nbt, momentum_used=k)

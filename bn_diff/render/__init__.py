@@ -1,0 +1,1 @@
+"""Everything that formats output: console (rich), JSON, JUnit. Nothing else prints."""
