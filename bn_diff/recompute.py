@@ -35,11 +35,14 @@ def values_per_channel(shape: tuple[int, ...] | torch.Size) -> int:
     return m
 
 
-def chunks(shape: tuple[int, ...] | torch.Size, target: int = CHUNK_ELEMS) -> Iterator[tuple[slice, slice]]:
+def chunks(
+    shape: tuple[int, ...] | torch.Size, target: int | None = None
+) -> Iterator[tuple[slice, slice]]:
     """(sample slice, channel slice) blocks of about `target` elements covering an (N, C, *S) tensor.
 
-    A block is at least one (sample, channel) plane.
+    A block is at least one (sample, channel) plane. `target` defaults to CHUNK_ELEMS.
     """
+    target = CHUNK_ELEMS if target is None else target
     n, c = int(shape[0]), int(shape[1])
     plane = 1
     for s in shape[2:]:

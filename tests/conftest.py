@@ -1,0 +1,59 @@
+"""Shared fixtures: the example architectures, and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def cli(*args: str, cwd: Path | None = None) -> CliResult:
+    """Run `bn-diff ARGS` in-process through the real entry point (bn_diff.cli.main)."""
+    from bn_diff.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = Path.cwd()
+    env_before = os.environ.get("NO_COLOR")
+    os.environ["NO_COLOR"] = "1"
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as e:
+                code = int(e.code or 0)
+    finally:
+        os.chdir(old)
+        if env_before is None:
+            os.environ.pop("NO_COLOR", None)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def example_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files `make demo` uses, made once per session."""
+    import make_examples
+
+    out = tmp_path_factory.mktemp("examples")
+    make_examples.main(out)
+    return out
