@@ -246,7 +246,7 @@ def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> N
 # --- inputs -------------------------------------------------------------------------------------
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise UsageError(f"--input-shape {text!r} is not a list of integers", "e.g. 8,3,224,224") from None
     if not shape or any(s < 0 for s in shape):

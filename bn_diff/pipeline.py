@@ -166,6 +166,14 @@ def _train_eval_gap(
     return torch.maximum((da * mom.min + db).abs(), (da * mom.max + db).abs())
 
 
+def _absdiff(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|actual - expected| in float64, 0 where both are NaN or equal, inf where only one is NaN."""
+    a = actual.double()
+    d = (a - expected).abs()
+    same = (a == expected) | (a.isnan() & expected.isnan())
+    return torch.where(same, torch.zeros_like(d), d).nan_to_num(nan=float("inf"))
+
+
 def _check_running_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     rm0, rv0 = call.running_mean_before, call.running_var_before
     rm1, rv1 = call.running_mean_after, call.running_var_after
@@ -178,10 +186,10 @@ def _check_running_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     scale_m = rm0.double().abs() + k * mom.absmax + exp.mean.abs()
     unb = m / (m - 1) if m > 1 else 1.0
     scale_v = rv0.double().abs() + k * unb * mom.absmax**2 + exp.var.abs()
-    dm = (rm1.double() - exp.mean).abs()
-    dv = (rv1.double() - exp.var).abs()
-    ok_m = bool((dm <= 4 * fin.eps * scale_m + 1e-12).all().item())
-    ok_v = bool((dv.nan_to_num(nan=0.0) <= 4 * fin.eps * scale_v + 1e-12).all().item())
+    dm = _absdiff(rm1, exp.mean)
+    dv = _absdiff(rv1, exp.var)
+    ok_m = bool((dm <= 4 * fin.eps * scale_m.nan_to_num(nan=0.0) + 1e-12).all().item())
+    ok_v = bool((dv <= 4 * fin.eps * scale_v.nan_to_num(nan=0.0) + 1e-12).all().item())
     nbt_ok = exp.num_batches_tracked is None or exp.num_batches_tracked == call.num_batches_tracked_after
     return RunningUpdate(
         momentum_used=k,

@@ -25,14 +25,19 @@ class CliResult:
     err: str
 
 
-def cli(*args: str, cwd: Path | None = None) -> CliResult:
-    """Run `bn-diff ARGS` in-process through the real entry point (bn_diff.cli.main)."""
+def cli(*args: str, cwd: Path | None = None, columns: int = 200) -> CliResult:
+    """Run `bn-diff ARGS` in-process through the real entry point (bn_diff.cli.main).
+
+    No colour, and a wide terminal so that content assertions do not depend on line wrapping.
+    """
     from bn_diff.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old = Path.cwd()
     env_before = os.environ.get("NO_COLOR")
+    cols_before = os.environ.get("COLUMNS")
     os.environ["NO_COLOR"] = "1"
+    os.environ["COLUMNS"] = str(columns)
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -46,6 +51,10 @@ def cli(*args: str, cwd: Path | None = None) -> CliResult:
         os.chdir(old)
         if env_before is None:
             os.environ.pop("NO_COLOR", None)
+        if cols_before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = cols_before
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
