@@ -32,7 +32,7 @@ def test_demo_forum_case_exit_0(example_files: Path) -> None:
     r = cli("run", str(example_files / "forum_model.pt"), str(example_files / "forum_input.pt"), "--trust")
     assert r.code == 0, r.err
     assert "train" in r.out and "batch" in r.out
-    assert "in eval mode their outputs would move by up to" in r.out
+    assert "in eval mode its output would move by up to" in r.out
 
 
 def test_state_dict_with_arch_and_json_schema(example_files: Path, tmp_path: Path) -> None:

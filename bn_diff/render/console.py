@@ -167,12 +167,12 @@ def mismatch_lines(lr: LayerResult) -> list[Text]:
     """torch.testing's grammar, plus the minimum tolerance that would pass."""
     pct = 100.0 * lr.mismatched / lr.numel if lr.numel else 0.0
     allow = max((c.tolerance for c in lr.channels), default=0.0)
-    extra = f" + rounding allowance up to {fmt(allow, 2)}" if allow else ""
+    extra = f" + rounding ≤ {fmt(allow, 2)}" if allow else ""
     lines = [
         Text(f"Mismatched elements: {lr.mismatched} / {lr.numel} ({pct:.1f}%)"),
         Text(
             f"Greatest absolute difference: {fmt(lr.max_abs_diff)} at index "
-            f"{fmt_index(lr.max_abs_index)} (up to {lr.atol:g} allowed{extra})"
+            f"{fmt_index(lr.max_abs_index)} (up to {lr.atol:g}{extra} allowed)"
         ),
         Text(
             f"Greatest relative difference: {fmt(lr.max_rel_diff)} at index "
@@ -201,14 +201,17 @@ def layer_detail(console: Console, lr: LayerResult, all_channels: bool) -> None:
     i = lr.info
     head = Text()
     head.append(i.name, style="bn.name")
-    head.append(f"  {layer_signature(lr)}  ")
-    head.append(f"{i.mode} mode, {i.stats} statistics", style="bn.warn" if i.mode == "train" else "")
-    if i.producer:
-        head.append(f"  (input from {i.producer})", style="bn.dim")
+    head.append(f"  {layer_signature(lr)}")
     console.print(head)
+    sub = Text("  ")
+    sub.append(f"{i.mode} mode: normalized with the {i.stats} statistics",
+               style="bn.warn" if i.mode == "train" else "")
+    if i.producer:
+        sub.append(f"; input from {i.producer}", style="bn.dim")
+    console.print(sub)
     if not lr:
         for line in mismatch_lines(lr):
-            console.print(Text("  ") + line)
+            console.print(Text("  ") + line, soft_wrap=True)
     table, left_out = channel_table(lr, all_channels)
     console.print(table)
     if left_out:
@@ -285,8 +288,8 @@ def verdict(report: RunReport) -> Text:
     if train:
         gap = max((lr.train_eval_gap or 0.0 for lr in train), default=0.0)
         t.append(
-            f"\n  {len(train)} ran in train mode (normalized with batch statistics); "
-            f"in eval mode their outputs would move by up to {fmt(gap, 3)}.",
+            f"\n  {len(train)} ran in train mode (batch statistics); in eval mode "
+            f"{'its' if len(train) == 1 else 'their'} output would move by up to {fmt(gap, 3)}.",
             style="bn.warn",
         )
     failing = report.failing_findings
