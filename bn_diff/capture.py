@@ -206,7 +206,7 @@ class Capture:
             h.remove()
         self._handles.clear()
         if self._mode_ctx is not None:
-            self._mode_ctx.__exit__(None, None, None)
+            self._mode_ctx.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._mode_ctx = None
         with torch.no_grad():
             for m, bname, orig, saved in self._buffers:
@@ -234,7 +234,7 @@ class Capture:
                 )
         if self.functional:
             self._mode_ctx = _FunctionalBN(self)
-            self._mode_ctx.__enter__()
+            self._mode_ctx.__enter__()  # type: ignore[no-untyped-call]
 
     def _push(self, label: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _args: Any) -> None:
@@ -302,8 +302,8 @@ class Capture:
             has_buffers = rm_after is not None and rv_after is not None
             use_batch = m.training or not has_buffers
             updates = m.training and track and has_buffers
-            momentum = m.momentum
-            eps = float(m.eps)  # type: ignore[arg-type]
+            momentum = getattr(m, "momentum", None)
+            eps = float(getattr(m, "eps", 1e-5))
             affine = bool(getattr(m, "affine", True))
         else:  # frozen BN: always the running statistics
             track, use_batch, updates = True, False, False

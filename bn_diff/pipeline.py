@@ -92,7 +92,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         weight_frozen=_frozen(call),
         num_batches_tracked=call.num_batches_tracked_before,
     )
-    cols = {
+    cols: dict[str, Any] = {
         "bm": mom.mean.tolist(),
         "bv": mom.var.tolist(),
         "rm": None if rm is None else rm.tolist(),
@@ -402,8 +402,8 @@ def describe_layers(model: nn.Module) -> list[dict[str, Any]]:
             cfg: dict[str, Any] = {
                 "in_channels": m.in_channels,
                 "out_channels": m.out_channels,
-                "kernel_size": list(m.kernel_size),
-                "stride": list(m.stride),
+                "kernel_size": list(getattr(m, "kernel_size", ())),
+                "stride": list(getattr(m, "stride", ())),
                 "groups": m.groups,
                 "bias": m.bias is not None,
             }

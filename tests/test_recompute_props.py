@@ -8,7 +8,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bn_diff
-from bn_diff.recompute import batch_norm_by_hand, channel_moments, running_update, values_per_channel
+from bn_diff.recompute import (
+    batch_norm_by_hand,
+    channel_moments,
+    running_update,
+    values_per_channel,
+)
 
 BN_BY_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
