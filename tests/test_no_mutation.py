@@ -64,7 +64,7 @@ def test_restored_when_forward_raises_halfway() -> None:
 def test_user_hooks_kept_and_called() -> None:
     net = models.forum_net()
     calls: list[str] = []
-    h = net[1].register_forward_hook(lambda m, i, o: calls.append("user"))
+    h = net.bn.register_forward_hook(lambda m, i, o: calls.append("user"))
     snap = _snapshot(net)
     bn_diff.run(net, torch.randn(2, 3, 4, 4))
     assert calls == ["user"]
@@ -74,9 +74,9 @@ def test_user_hooks_kept_and_called() -> None:
 
 def test_train_mode_forward_does_not_leave_updated_stats() -> None:
     net = models.forum_net()  # train mode, untrained statistics
-    rm = net[1].running_mean.clone()
+    rm = net.bn.running_mean.clone()
     report = bn_diff.run(net, torch.randn(4, 3, 8, 8))
     ru = report.layers[0].running_update
     assert ru is not None and ru.ok and ru.largest_mean_change > 0  # PyTorch did move them ...
-    assert torch.equal(net[1].running_mean, rm)  # ... and bn-diff put them back
-    assert int(net[1].num_batches_tracked) == 0
+    assert torch.equal(net.bn.running_mean, rm)  # ... and bn-diff put them back
+    assert int(net.bn.num_batches_tracked) == 0

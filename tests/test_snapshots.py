@@ -66,5 +66,5 @@ def test_snapshot_forum_case_train_mode() -> None:
     net = models.forum_net()
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).double()
     report = bn_diff.run(net.double(), x, model_name="forum_model.pt", input_name="forum_input.pt",
-                         layers=["1"])
+                         layers=["bn"])
     check_snapshot("run_forum.txt", _render(report, detail=lambda _lr: True))
