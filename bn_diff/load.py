@@ -81,7 +81,7 @@ def _torch_load_safe(path: Path, what: str) -> Any:
 
 def _unsafe(path: Path, what: str, err: Exception) -> InputError:
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:
         names = []
     if names:
