@@ -23,9 +23,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+LINT_DIRS := $(wildcard bn_diff tests examples bench)
+
 lint: install
-	$(VENV)/bin/ruff check bn_diff tests examples bench
-	$(VENV)/bin/ruff format --check bn_diff tests examples bench
+	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/mypy
 
 bench: install
