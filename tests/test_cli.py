@@ -213,3 +213,31 @@ def test_python_m_entry_point_subprocess(example_files: Path) -> None:
     )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["schema"] == "bn-diff/run/v1"
+
+
+def test_trusted_pickle_of_custom_class_needs_its_module(tmp_path: Path) -> None:
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "mynet.py").write_text(
+        "import torch.nn as nn\n"
+        "class MyNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.bn = nn.BatchNorm1d(4)\n"
+        "    def forward(self, x):\n"
+        "        return self.bn(x)\n"
+    )
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import mynet; "
+        "torch.save(mynet.MyNet().eval(), sys.argv[2])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(pkg), str(tmp_path / "m.pt")], check=True)
+    torch.save(torch.randn(3, 4), tmp_path / "x.pt")
+    r = cli("run", str(tmp_path / "m.pt"), str(tmp_path / "x.pt"))
+    assert r.code == 3 and "mynet.MyNet" in r.err
+    r = cli("run", str(tmp_path / "m.pt"), str(tmp_path / "x.pt"), "--trust")
+    assert r.code == 3 and "--pythonpath" in r.err
+    _one_line_error(r.err)
+    r = cli("run", str(tmp_path / "m.pt"), str(tmp_path / "x.pt"), "--trust", "--pythonpath", str(pkg),
+            "--import", "mynet")
+    assert r.code == 0, r.err
