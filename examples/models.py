@@ -12,16 +12,20 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
 
 def forum_net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 2, kernel_size=3, padding=1), nn.BatchNorm2d(2))
+    net = nn.Sequential(
+        OrderedDict(conv=nn.Conv2d(3, 2, kernel_size=3, padding=1), bn=nn.BatchNorm2d(2))
+    )
     with torch.no_grad():
-        net[1].weight.copy_(torch.tensor([0.8352, 0.2056]))
-        net[1].bias.zero_()
+        net.bn.weight.copy_(torch.tensor([0.8352, 0.2056]))
+        net.bn.bias.zero_()
     return net  # train mode: the default after construction
 
 
