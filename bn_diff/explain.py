@@ -325,10 +325,13 @@ def _side_effects(call: BnCall, lay: LayerPart, ch: ChannelPart) -> SideEffects:
                 "Here weight and bias have requires_grad=False, yet the running statistics moved: "
                 "the layer is not frozen until eval() is called on it."
             )
+    elif lay.stats == "running":
+        who = "Eval mode" if lay.mode == "eval" else f"{lay.type} (it has no train mode)"
+        notes.append(f"{who}: the running statistics were read, not written.")
     elif lay.mode == "train":
-        notes.append("Train mode, but no running statistics to update (track_running_stats=False).")
+        notes.append("Train mode, but the layer keeps no running statistics: nothing was updated.")
     else:
-        notes.append("Eval mode: the running statistics were read, not written.")
+        notes.append("The layer keeps no running statistics: nothing was updated.")
     return SideEffects(
         updates_running_stats=bool(changes),
         momentum_used=k,

@@ -81,19 +81,22 @@ def check_layer_name(model: nn.Module, layer: str) -> None:
     modules = {n or "(model)": m for n, m in named_modules(model)}
     bns = [n for n, m in modules.items() if is_bn_like(m)]
     base = layer.split("#")[0]
-    if base in bns or ":F.batch_norm" in layer:
+    if base in bns or ":" in layer:  # "block:F.batch_norm" calls are known only once they ran
         return
     if base in modules:
         what = f"is a {type(modules[base]).__name__}, not a BatchNorm layer"
     else:
         what = "is not a layer of the model"
-    near = difflib.get_close_matches(base, bns, n=3, cutoff=0.5)
+    lower = {n.lower(): n for n in bns}  # "BN1" is as near to "bn1" as "bn1" is
+    near = [lower[n] for n in difflib.get_close_matches(base.lower(), lower, n=3, cutoff=0.5)]
     if near:
         hint = "did you mean " + ", ".join(near) + "?"
     elif bns:
         hint = "its BatchNorm layers: " + ", ".join(bns[:6]) + (", ..." if len(bns) > 6 else "")
     else:
-        hint = "the model has no BatchNorm layers"
+        hint = (
+            "the model has no BatchNorm modules (F.batch_norm calls are named 'block:F.batch_norm')"
+        )
     raise UsageError(f"--layer {layer!r} {what}", hint)
 
 
@@ -131,7 +134,7 @@ def explain(
     """
     check_layer_name(model, layer)
     base = layer.split("#")[0]
-    is_module = ":F.batch_norm" not in layer and base != "(model)"
+    is_module = ":" not in layer and base != "(model)"
     grab = Grab(layer, channel, index)
     report = run(
         model,

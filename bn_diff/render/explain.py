@@ -37,6 +37,11 @@ def small(x: float) -> str:
     return "0" if x == 0 else f"{x:.2g}"
 
 
+def operand(x: float) -> str:
+    """A number as the right-hand operand of − · +: negatives in parentheses."""
+    return f"({num(x)})" if x < 0 else num(x)
+
+
 def _indent(*items: Text | Table) -> Padding:
     return Padding(Group(*items), (0, 0, 0, INDENT), expand=False)
 
@@ -106,12 +111,13 @@ def element_section(lay: LayerPart, ch: ChannelPart, el: ElementPart) -> list[Te
     t.add_column(no_wrap=True)
     t.add_column(no_wrap=True)
     t.add_row("x", num(el.x))
-    t.add_row(f"x − {mean}", f"{num(el.x)} − {num(ch.mean_used)} = {num(el.centered)}")
+    t.add_row(f"x − {mean}", f"{num(el.x)} − {operand(ch.mean_used)} = {num(el.centered)}")
     t.add_row(
         f"÷ sqrt({var} + eps) = x̂", f"{num(el.centered)} / {num(ch.std_used)} = {num(el.x_hat)}"
     )
     t.add_row(
-        "γ·x̂ + β = y", f"{num(ch.gamma)} · {num(el.x_hat)} + {num(ch.beta)} = {num(el.y_by_hand)}"
+        "γ·x̂ + β = y",
+        f"{num(ch.gamma)} · {operand(el.x_hat)} + {operand(ch.beta)} = {num(el.y_by_hand)}",
     )
     verdict = Text()
     verdict.append(num(el.y_pytorch), style="bn.name")
@@ -170,13 +176,14 @@ def side_effects_section(exp: Explanation) -> list[Text | Padding]:
     out.append(_indent(*body))
     out.append(Text())
     out.append(_heading("How to really freeze a BatchNorm layer"))
-    items: list[Text] = []
+    f = _table()
+    f.add_column(no_wrap=True)
+    f.add_column()
     for how, effect in se.freeze:
-        line = Text("• ")
-        line.append(how, style="bn.name")
-        line.append(f": {effect}")
-        items.append(line)
-    out.append(_indent(*items, Text(se.construction_note, style="bn.hint")))
+        line = Text(how, style="bn.name")
+        line.append(f": {effect}", style="")
+        f.add_row("•", line)
+    out.append(_indent(f, Text(se.construction_note, style="bn.hint")))
     return out
 
 
