@@ -135,11 +135,10 @@ def run(
             )
     except BnDiffError as e:
         _fail(e)
-    from . import lastrun  # for `bn-diff explain` without MODEL INPUT; never fails the run
+    from .lastrun import remember  # for `bn-diff explain` without MODEL INPUT; never fails
 
-    lastrun.save(lastrun.make(model, input, input_shape=input_shape, seed=seed, arch=arch,
-                              trust=trust, imports=import_ or (), pythonpath=[str(p) for p in
-                              pythonpath or ()], mode=mode.value))
+    remember(model, input, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
+             imports=import_ or (), pythonpath=[str(p) for p in pythonpath or ()], mode=mode.value)
     picked = bool(layer)
     if json_out is not None:
         from .render.jsonout import write_json
@@ -222,21 +221,12 @@ def explain(
     from .render.console import make_console
     from .render.explain import render_explain
 
-    note = None
     try:
         idx = None if index is None else parse_index(index)
-        opts: dict[str, Any] = {"imports": import_ or (),
-                                "pythonpath": [str(p) for p in pythonpath or ()]}
-        if model is None:
-            rec = lastrun.reuse(trust=trust, mode=None if mode is None else mode.value,
-                                input_shape=input_shape, seed=seed, arch=arch, **opts)
-            note = f"reusing the last `bn-diff run` in this directory ({lastrun.RECORD})"
-        else:
-            rec = lastrun.LastRun(model=str(model), input=None if input is None else str(input),
-                                  input_shape=input_shape, seed=seed or 0, arch=arch, trust=trust,
-                                  imports=tuple(opts["imports"]),
-                                  pythonpath=tuple(opts["pythonpath"]),
-                                  mode="as-is" if mode is None else mode.value)
+        rec, reused = lastrun.settings(model, input, trust=trust, input_shape=input_shape,
+                                       seed=seed, arch=arch, imports=import_ or (),
+                                       pythonpath=[str(p) for p in pythonpath or ()],
+                                       mode=None if mode is None else mode.value)
         exp = explain_files(Path(rec.model), None if rec.input is None else Path(rec.input),
                             layer=layer, channel=channel, index=idx, mode=rec.mode,
                             input_shape=rec.input_shape, seed=rec.seed, arch=rec.arch,
@@ -248,7 +238,8 @@ def explain(
 
         write_json(exp.to_json(), json_out)
     if json_out != "-":
-        render_explain(exp, make_console(no_color=no_color), note=note)
+        note = f"reusing the last `bn-diff run` in this directory ({lastrun.RECORD})"
+        render_explain(exp, make_console(no_color=no_color), note=note if reused else None)
     raise typer.Exit(int(ExitCode.OK if exp else ExitCode.MISMATCH))
 
 

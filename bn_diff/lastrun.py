@@ -81,13 +81,21 @@ def make(
 
 def save(record: LastRun, cwd: Path | None = None) -> bool:
     """Write the record under `cwd` (default: the current directory); False when that failed."""
-    path = (cwd or Path.cwd()) / RECORD
     try:
+        path = (cwd or Path.cwd()) / RECORD
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, dumps(record.to_json()))
     except OSError:
         return False
     return True
+
+
+def remember(model: Path, input: Path | None, **options: Any) -> bool:
+    """`make` + `save` for `bn-diff run`; never raises for want of a writable directory."""
+    try:
+        return save(make(model, input, **options))
+    except OSError:  # e.g. the working directory was removed
+        return False
 
 
 def load(cwd: Path | None = None) -> LastRun:
@@ -163,3 +171,34 @@ def reuse(
         pythonpath=tuple(pythonpath) or rec.pythonpath,
         mode=rec.mode if mode is None else mode,
     )
+
+
+def settings(
+    model: Path | None,
+    input: Path | None,
+    *,
+    trust: bool,
+    mode: str | None = None,
+    input_shape: str | None = None,
+    seed: int | None = None,
+    arch: str | None = None,
+    imports: tuple[str, ...] | list[str] = (),
+    pythonpath: tuple[str, ...] | list[str] = (),
+) -> tuple[LastRun, bool]:
+    """What `explain` loads: MODEL/INPUT and the options as given, or, without MODEL, the last
+    run's (options given now win). The flag says whether the last run was reused."""
+    if model is None:
+        return reuse(trust=trust, mode=mode, input_shape=input_shape, seed=seed, arch=arch,
+                     imports=imports, pythonpath=pythonpath), True  # fmt: skip
+    given = LastRun(
+        model=str(model),
+        input=None if input is None else str(input),
+        input_shape=input_shape,
+        seed=0 if seed is None else seed,
+        arch=arch,
+        trust=trust,
+        imports=tuple(imports),
+        pythonpath=tuple(pythonpath),
+        mode="as-is" if mode is None else mode,
+    )
+    return given, False

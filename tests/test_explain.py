@@ -351,3 +351,22 @@ def test_frozen_bn_and_functional_calls() -> None:
     with pytest.raises(UsageError) as e:
         explain(Functional(), x, layer="(model):F.batch_nrm")
     assert e.value.hint == "did you mean (model):F.batch_norm?"
+
+
+class EpsTypo(nn.BatchNorm2d):
+    """A BatchNorm2d whose forward uses eps = 1e-3 while it says 1e-5: PyTorch's output is off."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b, rm, rv = self.weight, self.bias, self.running_mean, self.running_var
+        return F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3)
+
+
+def test_a_disagreeing_layer_is_said_and_its_reading_found() -> None:
+    bn = EpsTypo(2).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(0.01)
+    x = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    exp = explain(nn.Sequential(OrderedDict(bn=bn)), x, layer="bn")
+    assert not exp and abs(exp.element.difference) > exp.element.allowed
+    matching = [a.id for a in exp.alternatives if a.matches_pytorch]
+    assert matching == ["eps_0.001"]

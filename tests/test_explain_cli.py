@@ -202,3 +202,38 @@ def test_usage_errors_are_one_line(cwd: Path, args: tuple[str, ...], expected: s
 def test_missing_input(cwd: Path) -> None:
     line = one_line_error(bn_diff("explain", "forum_model.pt", "--trust", "--layer", "bn", cwd=cwd))
     assert "missing INPUT" in line
+
+
+TYPO_MODULE = """
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EpsTypo(nn.BatchNorm2d):
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.1, 1e-3)
+
+
+def make():
+    return nn.Sequential(OrderedDict(bn=EpsTypo(2))).eval()
+"""
+
+
+def test_disagreement_exits_1(tmp_path: Path) -> None:
+    import torch
+
+    (tmp_path / "typo_models.py").write_text(TYPO_MODULE)
+    sd = {"bn.weight": torch.ones(2), "bn.bias": torch.zeros(2), "bn.running_mean": torch.zeros(2)}
+    sd.update({"bn.running_var": torch.full((2,), 0.01), "bn.num_batches_tracked": torch.tensor(9)})
+    torch.save(sd, tmp_path / "typo.pt")
+    r = bn_diff("explain", "typo.pt", "--arch", "typo_models:make", "--pythonpath", str(tmp_path),
+                "--input-shape", "2,2,3,3", "--layer", "bn", cwd=tmp_path)  # fmt: skip
+    assert r.code == 1, r.err
+    assert "✘ PyTorch disagrees" in r.out
+    eps_line = next(ln for ln in r.out.splitlines() if "eps = 0.001 instead of 1e-05" in ln)
+    after = r.out.split(eps_line, 1)[1].splitlines()[1]
+    assert "= PyTorch's output here" in after

@@ -79,7 +79,7 @@ def channel_section(lay: LayerPart, ch: ChannelPart) -> list[Text | Padding]:
         "var_B",
         "batch variance, Σ(x − mean_B)² / m",
         num(ch.batch_var),
-        "biased (÷ m); " + (used if batch else unused),
+        "biased (÷ m); " + (used if batch else "not used"),
     )
     t.add_row(
         "var_U",
@@ -109,7 +109,7 @@ def element_section(lay: LayerPart, ch: ChannelPart, el: ElementPart) -> list[Te
     var = "var_B" if lay.stats == "batch" else "running_var"
     t = _table()
     t.add_column(no_wrap=True)
-    t.add_column(no_wrap=True)
+    t.add_column()
     t.add_row("x", num(el.x))
     t.add_row(f"x − {mean}", f"{num(el.x)} − {operand(ch.mean_used)} = {num(el.centered)}")
     t.add_row(
@@ -121,11 +121,11 @@ def element_section(lay: LayerPart, ch: ChannelPart, el: ElementPart) -> list[Te
     )
     verdict = Text()
     verdict.append(num(el.y_pytorch), style="bn.name")
-    verdict.append(f"   difference {small(el.difference)} (up to {small(el.allowed)} allowed)  ")
+    d, allowed = small(abs(el.difference)), small(el.allowed)
     if el:
-        verdict.append("✔ PyTorch agrees", style="bn.ok")
+        verdict.append(f"  ✔ PyTorch agrees: |Δ| = {d} ≤ {allowed}", style="bn.ok")
     else:
-        verdict.append("✘ PyTorch disagrees with the float64 recompute", style="bn.mismatch")
+        verdict.append(f"  ✘ PyTorch disagrees: |Δ| = {d} > {allowed}", style="bn.mismatch")
     t.add_row("PyTorch's output", verdict)
     idx = "(" + ", ".join(str(i) for i in el.index) + ")"
     return [_heading(f"Element {idx}", f"dtype {lay.dtype}"), _indent(t)]
