@@ -135,6 +135,10 @@ def run(
             )
     except BnDiffError as e:
         _fail(e)
+    from .lastrun import remember  # for `bn-diff explain` without MODEL INPUT; never fails
+
+    remember(model, input, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
+             imports=import_ or (), pythonpath=[str(p) for p in pythonpath or ()], mode=mode.value)
     picked = bool(layer)
     if json_out is not None:
         from .render.jsonout import write_json
@@ -180,6 +184,63 @@ def layers(
         write_json({"schema": "bn-diff/layers/v1", "model": str(model), "layers": rows}, json_out)
     if json_out != "-":
         render_layers(rows, str(model), make_console(no_color=no_color))
+
+
+@app.command()
+def explain(
+    layer: Annotated[str, typer.Option("--layer", metavar="NAME", help="Qualified name of the "
+                     "BatchNorm layer, as `bn-diff run` and `bn-diff layers` show it.")],
+    model: Annotated[Path | None, typer.Argument(help="Model, as for run. Omit MODEL and INPUT "
+                     "to reuse the last `bn-diff run` made in this directory.")] = None,
+    input: Annotated[Path | None, typer.Argument(help="Input, as for run.")] = None,
+    channel: Annotated[int | None, typer.Option(help="Channel to explain (default 0).")] = None,
+    index: Annotated[str | None, typer.Option(metavar="n,c,h,...", help="Element to explain "
+                     "(default: the first element of the channel).")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="as-is, train or eval (default: as-is, or "
+                                              "the reused run's).")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", metavar="PATH|-",
+                        help="Write the explanation as JSON (schema bn-diff/explain/v1); - for "
+                        "stdout.")] = None,
+    trust: TrustOpt = False,
+    arch: ArchOpt = None,
+    import_: ImportOpt = None,
+    pythonpath: PathOpt = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W",
+                           help="No input file: a synthetic standard-normal input of this shape.")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the synthetic input (default 0).")]
+    = None,
+    no_color: NoColorOpt = False,
+    traceback_: TracebackOpt = False,
+) -> None:
+    """Show the arithmetic of one element of one BatchNorm layer, step by step, with the usual
+    misreadings and what the forward did to the running statistics."""
+    _state["traceback"] = traceback_
+    from . import lastrun
+    from .pipeline_explain import explain_files, parse_index
+    from .render.console import make_console
+    from .render.explain import render_explain
+
+    try:
+        idx = None if index is None else parse_index(index)
+        rec, reused = lastrun.settings(model, input, trust=trust, input_shape=input_shape,
+                                       seed=seed, arch=arch, imports=import_ or (),
+                                       pythonpath=[str(p) for p in pythonpath or ()],
+                                       mode=None if mode is None else mode.value)
+        exp = explain_files(Path(rec.model), None if rec.input is None else Path(rec.input),
+                            layer=layer, channel=channel, index=idx, mode=rec.mode,
+                            input_shape=rec.input_shape, seed=rec.seed, arch=rec.arch,
+                            trust=rec.trust, imports=rec.imports, pythonpath=rec.pythonpath)
+    except BnDiffError as e:
+        _fail(e)
+    if json_out is not None:
+        from .render.jsonout import write_json
+
+        write_json(exp.to_json(), json_out)
+    if json_out != "-":
+        note = f"reusing the last `bn-diff run` in this directory ({lastrun.RECORD})"
+        render_explain(exp, make_console(no_color=no_color), note=note if reused else None)
+    raise typer.Exit(int(ExitCode.OK if exp else ExitCode.MISMATCH))
 
 
 def main(argv: list[str] | None = None) -> Any:
