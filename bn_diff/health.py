@@ -176,8 +176,10 @@ def layer_findings(
 class HealthCheck:
     """`pipeline.run`'s extension: `HealthCheck(model, run_mode)(call, result)` adds findings.
 
-    One instance per run: it resolves producer convs by name in `model`, and reports findings about
-    a module's state or configuration (STATIC_IDS) once per module, not once per call.
+    One instance per run: it resolves producer convs by name in `model`, reports findings about
+    a module's state or configuration (STATIC_IDS) once per module, not once per call, and keeps
+    only the first `stats_shift` warning of the forward: later layers see the shifted activations
+    of earlier ones, so their shifts are reported as info, pointing to the first.
     """
 
     def __init__(self, model: nn.Module | None = None, run_mode: str = "as-is") -> None:
@@ -185,6 +187,7 @@ class HealthCheck:
         self.run_mode = run_mode
         self._modules: dict[str, nn.Module] | None = None
         self._seen: set[tuple[object, str]] = set()
+        self._first_shift: str | None = None
 
     def producer(self, call: BnCall) -> nn.Module | None:
         if call.producer is None or self.model is None:
@@ -202,6 +205,16 @@ class HealthCheck:
                 if (key, f.id) in self._seen:
                     continue
                 self._seen.add((key, f.id))
+            if f.id == "stats_shift" and f.severity == "warning":
+                if self._first_shift is None:
+                    self._first_shift = call.name
+                else:
+                    f = replace(
+                        f,
+                        severity="info",
+                        message=f"{f.message}; the shift already shows at {self._first_shift}, "
+                        "earlier in this forward, which probably explains this one",
+                    )
             keep.append(f)
         return replace(result, findings=result.findings + tuple(keep))
 

@@ -341,3 +341,12 @@ def test_fail_on_in_the_api() -> None:
     assert not run(net, data(), fail_on="warning")
     assert run(net, data(), fail_on="error")
     assert run(net, data(), mode="train", fail_on="warning")  # info only
+
+
+def test_stats_shift_warns_once_and_points_later_layers_to_the_first() -> None:
+    net = models.calibrate(models.SmallCNN(), (16, 3, 32, 32), batches=20)
+    report = run(net, data(shape=(4, 3, 32, 32)) * 255.0)
+    shifts = by_id(report, "stats_shift")
+    assert [f.layer for f in shifts] == ["bn1", "bn2", "bn3"]
+    assert [f.severity for f in shifts] == ["warning", "info", "info"]
+    assert all("already shows at bn1" in f.message for f in shifts[1:])
