@@ -46,7 +46,8 @@ def chans(idx: Sequence[int], c: int, limit: int = 6) -> str:
 
 
 def as_vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().reshape(-1).to(torch.float64)
+    """A (C,) float64 CPU copy: per-channel vectors are small, and numbers end up in Python."""
+    return None if t is None else t.detach().reshape(-1).to("cpu", torch.float64)
 
 
 def indices(mask: torch.Tensor) -> list[int]:
@@ -252,7 +253,7 @@ def check_conv_bias(lay: Layer, producer: nn.Module | None) -> None:
     lay.add(
         "redundant_conv_bias",
         "info",
-        f"its input comes from the conv {lay.call.producer!r}, whose bias ({bias.numel()} values) "
+        f"the conv {lay.call.producer!r} that feeds it has a bias ({bias.numel()} values), which "
         "BN's mean subtraction cancels in train mode and running_mean absorbs in eval mode",
         "build the conv with bias=False (for a trained model, fold it first: "
         "running_mean -= conv.bias)",

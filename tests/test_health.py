@@ -350,3 +350,35 @@ def test_stats_shift_warns_once_and_points_later_layers_to_the_first() -> None:
     assert [f.layer for f in shifts] == ["bn1", "bn2", "bn3"]
     assert [f.severity for f in shifts] == ["warning", "info", "info"]
     assert all("already shows at bn1" in f.message for f in shifts[1:])
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's shape (no torchvision here): buffers only."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for name, fill in (
+            ("weight", 1.0),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ):
+            self.register_buffer(name, torch.full((n,), fill))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def test_frozen_batchnorm_module_untrained_then_loaded() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), FrozenBatchNorm2d(4)).eval()
+    report = run(net, data())
+    assert [lr.info.type for lr in report.layers] == ["FrozenBatchNorm2d"]
+    assert ids(report) == {"untrained_running_stats"}  # no num_batches_tracked: rm ≡ 0, rv ≡ 1
+    ref = calibrated()
+    with torch.no_grad():
+        net[0].weight.copy_(ref[0].weight)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(net[1], name).copy_(getattr(bn(ref), name))
+    assert ids(run(net, data())) == set()
