@@ -88,7 +88,7 @@ CATALOG: tuple[Kind, ...] = (
     ),
     Kind(
         "stats_shift",
-        "warning in eval / info in train",
+        "warning in eval (the first such layer of a forward; later ones info) / info in train",
         "batch statistics far from the running "
         "ones (|μ_B − rm| / sqrt(rv+ε) or batch std / running std large): input unlike the "
         "training data, or stale statistics",

@@ -45,8 +45,9 @@ class Finding:
     """One sentence: what to do about it ("" when nothing needs doing)."""
     layer: str | None = None
     """Qualified name of the layer it concerns; None for run-wide findings."""
-    data: dict[str, Any] = field(default_factory=dict)
-    """The finding's numbers for machines (channels, before/after values...); JSON key `data`."""
+    data: dict[str, Any] = field(default_factory=dict, hash=False)
+    """The finding's numbers for machines (channels, before/after values...); JSON key `data`.
+    Not part of the hash, so that findings stay hashable."""
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "severity": self.severity, "message": self.message}

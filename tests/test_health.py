@@ -382,3 +382,12 @@ def test_frozen_batchnorm_module_untrained_then_loaded() -> None:
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(net[1], name).copy_(getattr(bn(ref), name))
     assert ids(run(net, data())) == set()
+
+
+def test_findings_stay_hashable_and_json_safe() -> None:
+    report = run(with_buffer(2, rv=float("nan")), data())
+    (f,) = report.all_findings
+    assert f in {f}
+    doc = report.to_json()
+    assert doc["layers"][0]["findings"] == [f.to_json()]
+    assert f.to_json()["data"] == {"running_var": [2]}

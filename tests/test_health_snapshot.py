@@ -8,9 +8,11 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bn_diff.pipeline import run
 from bn_diff.render.console import make_console, render_run
@@ -28,8 +30,9 @@ def render(report: object) -> str:
 
 
 def test_forum_frozen_console_snapshot() -> None:
-    net = models.forum_net()
-    net[1].requires_grad_(False)
+    forum = models.forum_net()  # named conv and bn, as in DESIGN.md, whatever examples/ calls them
+    net = nn.Sequential(OrderedDict(conv=forum[0], bn=forum[1]))
+    net.bn.requires_grad_(False)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     text = render(
         run(net, x, model_name="forum_model.pt", input_name="forum_input.pt", fail_on="warning")
