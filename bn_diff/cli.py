@@ -106,6 +106,8 @@ def run(
     fail_on: Annotated[FailOn | None, typer.Option("--fail-on", help="Findings of this severity "
                                                     "or worse also fail the run (exit 1).")]
     = None,
+    html: Annotated[Path | None, typer.Option("--html", metavar="PATH", dir_okay=False,
+                    help="Also write a self-contained HTML report (plots per layer).")] = None,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:
@@ -144,6 +146,8 @@ def run(
         from .render.jsonout import write_json
 
         write_json(report.to_json(), json_out)
+    if html is not None:
+        _write_html(report, html)
     if json_out != "-":
         render_run(
             report,
@@ -152,6 +156,17 @@ def run(
             all_channels=channels is Channels.all,
         )
     raise typer.Exit(int(ExitCode.OK if report else ExitCode.MISMATCH))
+
+
+def _write_html(report: Any, path: Path) -> None:
+    from .errors import UsageError
+    from .render.html import write_html
+
+    try:
+        write_html(report, path)
+    except OSError as e:
+        _fail(UsageError(f"cannot write --html {path}: {e.strerror or e}",
+                         "check that the folder exists and is writable"))
 
 
 @app.command()

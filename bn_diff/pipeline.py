@@ -250,10 +250,12 @@ def run(
     model_name: str = "",
     input_name: str = "",
     fail_on: str | None = None,
+    health: bool = True,
 ) -> RunReport:
     """Run `model` on `inputs`, check every BatchNorm call, and leave the model as found.
 
     `inputs` is a tensor, a tuple/list of tensors (positional), a dict (keyword), or `Inputs`.
+    `health` adds the health findings (bn_diff/health.py) before any other `extensions`.
     """
     if mode not in ("as-is", "train", "eval"):
         raise UsageError(f"--mode must be as-is, train or eval, not {mode!r}")
@@ -265,6 +267,10 @@ def run(
     pick = _select(names, layers)
     results: list[LayerResult] = []
     findings: list[Finding] = []
+    if health:
+        from .health import HealthCheck
+
+        extensions = [HealthCheck(model, mode), *extensions]
 
     nonfinite = [i for i, t in enumerate(inp.tensors()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if nonfinite:

@@ -45,6 +45,9 @@ class Finding:
     """One sentence: what to do about it ("" when nothing needs doing)."""
     layer: str | None = None
     """Qualified name of the layer it concerns; None for run-wide findings."""
+    data: dict[str, Any] = field(default_factory=dict, hash=False)
+    """The finding's numbers for machines (channels, before/after values...); JSON key `data`.
+    Not part of the hash, so that findings stay hashable."""
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "severity": self.severity, "message": self.message}
@@ -52,7 +55,22 @@ class Finding:
             d["fix"] = self.fix
         if self.layer is not None:
             d["layer"] = self.layer
+        if self.data:
+            d["data"] = _jsonable(self.data)
         return d
+
+
+def _jsonable(v: Any) -> Any:
+    """Numbers through `_num` (no NaN/Inf in JSON), recursively through lists and dicts."""
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return _num(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
 
 
 @dataclass(frozen=True, slots=True)

@@ -237,6 +237,35 @@ def finding_line(f: Finding) -> Text:
     return t
 
 
+def findings_table(findings: Sequence[Finding]) -> Table:
+    """Severity | what, with the fix on its own line; wrapped lines stay indented."""
+    t = Table.grid(padding=(0, 1))
+    t.add_column(no_wrap=True)
+    t.add_column()
+    for f in findings:
+        style = {"error": "bn.mismatch", "warning": "bn.warn", "info": "bn.info"}[f.severity]
+        body = Text()
+        body.append(f.id, style="bn.name")
+        if f.layer:
+            body.append(f" [{f.layer}]")
+        body.append(f": {f.message}")
+        if f.fix:
+            body.append(f"\nfix: {f.fix}", style="bn.hint")
+        t.add_row(Text(f.severity, style=style), body)
+    return t
+
+
+def findings_count(findings: Sequence[Finding]) -> str:
+    """"3 findings: 1 error, 2 warnings" (severities in order, only those present)."""
+    n = len(findings)
+    parts = []
+    for sev in ("error", "warning", "info"):
+        k = sum(f.severity == sev for f in findings)
+        if k:
+            parts.append(f"{k} {sev}" + ("s" if k > 1 and sev != "info" else ""))
+    return f"{n} finding{'s' if n != 1 else ''}: " + ", ".join(parts)
+
+
 def render_run(
     report: RunReport,
     console: Console,
@@ -266,8 +295,7 @@ def render_run(
     findings = sorted(report.all_findings, key=lambda f: -SEVERITY_RANK[f.severity])
     if findings:
         console.print()
-        for f in findings:
-            console.print(finding_line(f))
+        console.print(findings_table(findings))
     console.print()
     console.print(verdict(report))
 
@@ -292,6 +320,10 @@ def verdict(report: RunReport) -> Text:
             f"{'its' if len(train) == 1 else 'their'} output would move by up to {fmt(gap, 3)}.",
             style="bn.warn",
         )
+    if report.all_findings:
+        worst = max(SEVERITY_RANK[f.severity] for f in report.all_findings)
+        style = ("bn.info", "bn.warn", "bn.mismatch")[worst]
+        t.append(f"\n  {findings_count(report.all_findings)} (listed above).", style=style)
     failing = report.failing_findings
     if failing:
         t.append(f"\n✘ {len(failing)} finding(s) at or above --fail-on {report.fail_on}.", style="bn.mismatch")
