@@ -159,14 +159,12 @@ def run(
 
 
 def _write_html(report: Any, path: Path) -> None:
-    from .errors import UsageError
     from .render.html import write_html
 
     try:
         write_html(report, path)
-    except OSError as e:
-        _fail(UsageError(f"cannot write --html {path}: {e.strerror or e}",
-                         "check that the folder exists and is writable"))
+    except BnDiffError as e:
+        _fail(e)
 
 
 @app.command()

@@ -85,7 +85,7 @@ def save(record: LastRun, cwd: Path | None = None) -> bool:
         path = (cwd or Path.cwd()) / RECORD
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, dumps(record.to_json()))
-    except OSError:
+    except (OSError, UsageError):
         return False
     return True
 

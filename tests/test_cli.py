@@ -241,3 +241,11 @@ def test_trusted_pickle_of_custom_class_needs_its_module(tmp_path: Path) -> None
     r = cli("run", str(tmp_path / "m.pt"), str(tmp_path / "x.pt"), "--trust", "--pythonpath", str(pkg),
             "--import", "mynet")
     assert r.code == 0, r.err
+
+
+def test_json_into_missing_folder_is_one_line_exit_2(example_files: Path, tmp_path: Path) -> None:
+    r = cli("run", str(example_files / "forum_model.pt"), str(example_files / "forum_input.pt"),
+            "--trust", "--json", str(tmp_path / "no" / "such" / "r.json"))
+    assert r.code == 2, (r.out, r.err)
+    _one_line_error(r.err)
+    assert "cannot write" in r.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
@@ -28,13 +29,24 @@ def demo_files() -> None:
     make_examples.main(ROOT / "examples" / "out")
 
 
-@pytest.mark.parametrize("command, expected", _console_blocks(), ids=lambda v: v[:60])
-def test_readme_console_block(demo_files: None, command: str, expected: str) -> None:
+def _real_output(command: str) -> str:
     argv = shlex.split(command)
     assert argv[0] == "bn-diff"
     r = cli(*argv[1:], cwd=ROOT, columns=100)
-    got = (r.out + r.err).rstrip()
-    assert [ln.rstrip() for ln in got.splitlines()] == [ln.rstrip() for ln in expected.splitlines()]
+    return "\n".join(ln.rstrip() for ln in (r.out + r.err).rstrip().splitlines())
+
+
+@pytest.mark.parametrize("command, expected", _console_blocks(), ids=lambda v: v[:60])
+def test_readme_console_block(demo_files: None, command: str, expected: str) -> None:
+    got = _real_output(command)
+    if os.environ.get("BN_DIFF_UPDATE_SNAPSHOTS"):
+        path = ROOT / "README.md"
+        text = path.read_text(encoding="utf-8")
+        old = f"```console\n$ {command}\n{expected}\n```"
+        assert old in text
+        path.write_text(text.replace(old, f"```console\n$ {command}\n{got}\n```"), encoding="utf-8")
+        return
+    assert got.splitlines() == [ln.rstrip() for ln in expected.splitlines()]
 
 
 def test_readme_mentions_the_two_commands() -> None:

@@ -9,14 +9,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers never see a half-written file."""
+    """Write `text` to `path` so that readers never see a half-written file.
+
+    An unwritable destination is a usage error (exit 2, one line), never a traceback.
+    """
     path = Path(path)
+    try:
+        _write_atomic(path, text)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write {path}: {e.strerror or e}", "check that the folder exists and is writable"
+        ) from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
