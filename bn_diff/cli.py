@@ -224,7 +224,9 @@ def check(
 
     try:
         if against is None and (arch is not None or import_):
-            raise UsageError("--arch and --import describe the --against model", "add --against MODEL")
+            raise UsageError(
+                "--arch and --import describe the --against model", "add --against MODEL"
+            )
         report = check_files(
             exported,
             input,
@@ -243,7 +245,9 @@ def check(
     except BnDiffError as e:
         _fail(e)
     if json_out != "-":
-        render_check(report, make_console(no_color=no_color))
+        # CI logs are not terminals: give the table room instead of rich's 80 columns
+        wide = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+        render_check(report, make_console(no_color=no_color, width=wide))
         if os.environ.get("GITHUB_ACTIONS") == "true":
             from .render.github import github_annotations
 
@@ -263,7 +267,9 @@ def _write_reports(report: Any, json_out: str | None, junit: Path | None) -> Non
 
             write_junit(report, junit)
     except OSError as e:
-        raise UsageError(f"cannot write {e.filename}: {e.strerror}", "check the folder exists") from None
+        raise UsageError(
+            f"cannot write {e.filename}: {e.strerror}", "check the folder exists"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -280,11 +286,15 @@ def main(argv: list[str] | None = None) -> Any:
         except typer.Exit as x:
             return _exit(x.exit_code)
     except Exception as e:  # click usage errors, then genuine bugs
-        import click
+        try:
+            import click
+        except ImportError:  # typer >= 0.22 vendors click as typer._click
+            from typer import _click as click  # type: ignore[no-redef]
 
-        if isinstance(e, click.exceptions.Abort):
+        abort = getattr(click.exceptions, "Abort", None)
+        if abort is not None and isinstance(e, abort):
             return _exit(130)
-        if isinstance(e, click.ClickException):
+        if isinstance(e, click.exceptions.ClickException):
             e.show()
             return _exit(int(ExitCode.USAGE))
         traceback.print_exc()

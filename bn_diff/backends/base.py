@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -85,6 +85,27 @@ class ExportedRun:
     has no node of its own may still have been folded into its producer conv."""
     findings: list[Finding] = field(default_factory=list)
     """Backend-level findings: checks that could not be done, and why."""
+
+
+class KeepBuffers:
+    """Restores a module's buffers on exit: a train-mode batch norm in an exported program writes
+    its running statistics, and those tensors may be shared with the user's model."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> KeepBuffers:
+        with torch.no_grad():
+            self.saved = [(b, b.detach().clone()) for _, b in self.module.named_buffers()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for b, saved in self.saved:
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+        self.saved = []
 
 
 def unique_names(layers: list[ExportedBn]) -> None:

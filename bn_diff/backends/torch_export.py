@@ -25,7 +25,7 @@ from bn_diff.capture import strip_wrappers
 from bn_diff.errors import InputError, ModelError, UsageError
 from bn_diff.load import Inputs
 
-from .base import ExportedBn, ExportedRun
+from .base import ExportedBn, ExportedRun, KeepBuffers
 
 TRAINING_BY_OP: dict[str, bool | None] = {
     "batch_norm": None,  # None: read the `training` argument
@@ -133,7 +133,7 @@ def run_program(ep: Any, inputs: Inputs, label: str) -> ExportedRun:
         ) from None
     rec = _BnRecorder(gm)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), KeepBuffers(gm):
             out = rec.run(*inputs.args, enable_io_processing=True)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

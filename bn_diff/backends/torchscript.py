@@ -16,6 +16,7 @@ through a GetAttr chain has no module name.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from bn_diff.errors import InputError, ModelError, UsageError
 from bn_diff.load import Inputs
 from bn_diff.results import Finding
 
-from .base import ExportedBn, ExportedRun
+from .base import ExportedBn, ExportedRun, KeepBuffers
 from .torch_export import TRUST_HINT
 
 PER_BN = 5
@@ -63,7 +64,9 @@ def load(path: Path, trust: bool) -> Any:
             TRUST_HINT,
         )
     try:
-        return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in 2.x
+            return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except FileNotFoundError:
         raise InputError(f"exported model {path} does not exist", "check the path") from None
     except (RuntimeError, ValueError, OSError) as e:
@@ -111,7 +114,7 @@ def run_module(sm: Any, inputs: Inputs, label: str) -> ExportedRun:
             f"{label}: cannot instrument the TorchScript graph ({str(e)[:160]})", None
         ) from None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), KeepBuffers(sm):
             res = fn(sm._c, *inputs.args)
     except (RuntimeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
