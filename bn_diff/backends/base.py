@@ -17,6 +17,9 @@ from bn_diff.results import Finding
 
 ExportKind = Literal["bn", "folded_conv"]
 
+ROOT = "(model)"
+"""The name of the model's own forward (ops outside any submodule), as `Capture` labels it."""
+
 
 @dataclass(slots=True)
 class ExportedBn:

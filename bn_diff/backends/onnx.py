@@ -30,7 +30,7 @@ from bn_diff.errors import InputError, ModelError, UsageError
 from bn_diff.load import Inputs
 from bn_diff.results import Finding
 
-from .base import ExportedBn, ExportedConv, ExportedRun
+from .base import ROOT, ExportedBn, ExportedConv, ExportedRun
 
 CONV_OPS = ("Conv", "ConvTranspose", "Gemm")
 _HINT = "pip install 'bn-diff[onnx]'"
@@ -61,7 +61,8 @@ def _import() -> tuple[Any, Any]:
 
 
 def legacy_scope(node_name: str) -> str | None:
-    """ "/layer1/layer1.0/downsample/downsample.0/Conv" -> "layer1.0.downsample.0"."""
+    """ "/layer1/layer1.0/downsample/downsample.0/Conv" -> "layer1.0.downsample.0";
+    "/BatchNormalization" (an op of the model's own forward) -> "(model)"."""
     if not node_name.startswith("/"):
         return None
     path: list[str] = []
@@ -72,7 +73,7 @@ def legacy_scope(node_name: str) -> str | None:
         else:
             path.append(seg)
         prev = seg
-    return ".".join(path) or None
+    return ".".join(path) or ROOT
 
 
 def _meta(node: Any) -> dict[str, str]:
@@ -101,10 +102,10 @@ def module_of(node: Any) -> str | None:
         except (ValueError, SyntaxError):
             lst = None
         if isinstance(lst, list) and len(lst) >= 2:
-            return str(lst[-2]) or None
+            return str(lst[-2]) or ROOT
     ns = _namespace(meta)
     if len(ns) >= 2:
-        return ns[-2][0] or None
+        return ns[-2][0] or ROOT
     return legacy_scope(node.name)
 
 
@@ -267,7 +268,9 @@ def run(model: Any, inputs: Inputs, label: str) -> ExportedRun:
     needed = list(dict.fromkeys(v for v in needed if v not in graph_inputs))
     exposed = _expose(model, needed)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, said in one line
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4
     try:
         sess = ort.InferenceSession(
             model.SerializeToString(), so, providers=["CPUExecutionProvider"]
@@ -278,7 +281,7 @@ def run(model: Any, inputs: Inputs, label: str) -> ExportedRun:
     feeds = _feeds(sess, inputs)
     names = list(dict.fromkeys(final + exposed))
     try:
-        arrays = sess.run(names, feeds)
+        arrays = sess.run(names, feeds, ro)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())

@@ -25,7 +25,7 @@ from bn_diff.capture import strip_wrappers
 from bn_diff.errors import InputError, ModelError, UsageError
 from bn_diff.load import Inputs
 
-from .base import ExportedBn, ExportedRun, KeepBuffers
+from .base import ROOT, ExportedBn, ExportedRun, KeepBuffers
 
 TRAINING_BY_OP: dict[str, bool | None] = {
     "batch_norm": None,  # None: read the `training` argument
@@ -59,7 +59,7 @@ def module_name(node: torch.fx.Node) -> str | None:
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    return strip_wrappers(str(path)) or None
+    return strip_wrappers(str(path)) or ROOT
 
 
 def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import ast
 import copy
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -218,3 +219,55 @@ def test_legacy_scope_inverts_the_exporters_naming(path: list[str]) -> None:
     segments = [_unqualified(".".join(path[: i + 1])) for i in range(len(path))]
     node_name = "/" + "/".join(segments) + "/BatchNormalization"
     assert legacy_scope(node_name) == ".".join(path)
+
+
+# --- BatchNormalization across opsets (hand-made graphs) ----------------------------------------
+def bn_graph(
+    opset: int, outputs: int = 1, param_shape: tuple[int, ...] = (3,), **attrs: object
+) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    params = {
+        "scale": rng.normal(1, 0.2, param_shape),
+        "bias": rng.normal(0, 0.2, param_shape),
+        "mean": rng.normal(0, 0.5, param_shape),
+        "var": rng.uniform(0.5, 2, param_shape),
+    }
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in params.items()]
+    outs = ["y"] + [f"stat{i}" for i in range(outputs - 1)]
+    node = helper.make_node(
+        "BatchNormalization", ["x", *params], outs, name="/bn/BatchNormalization", **attrs
+    )
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
+    graph = helper.make_graph([node], "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("opset", "outputs", "attrs", "mode"),
+    [
+        (9, 1, {}, "eval"),
+        (9, 5, {}, "train"),  # opsets 7-13: five outputs mean training
+        (12, 1, {"epsilon": 1e-3}, "eval"),
+        (14, 1, {}, "eval"),
+        (15, 3, {"training_mode": 1}, "train"),
+    ],
+)
+def test_bn_node_semantics_by_opset(
+    opset: int, outputs: int, attrs: dict[str, object], mode: str
+) -> None:
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    report = bn_diff.check(bn_graph(opset, outputs, **attrs), x)
+    (lr,) = report.layers
+    assert lr.name == "bn" and lr.info.mode == mode and lr.mismatched == 0 and lr.numel == x.numel()
+    assert lr.info.eps == pytest.approx(attrs.get("epsilon", 1e-5))
+    assert ids(report) == ({"export_train_mode"} if mode == "train" else set())
+    assert bool(report) == (mode == "eval")
+
+
+def test_bn_node_with_spatial_0_is_skipped_and_said(tmp_path: Path) -> None:
+    model = bn_graph(7, param_shape=(3, 4, 4), spatial=0)
+    report = bn_diff.check(model, torch.randn(2, 3, 4, 4))
+    (lr,) = report.layers
+    assert not lr.extra["checked"] and ids(report) == {"bn_check_skipped"}
+    assert "spatial=0" in report.all_findings[0].message
