@@ -201,7 +201,9 @@ def check(
     = None,
     fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Findings of this severity or worse "
                                             "fail the check (exit 1).")] = FailOn.error,
-    trust: TrustOpt = False,
+    trust: Annotated[bool, typer.Option("--trust", help="Allow files whose loading can run "
+                                        "code: a .pt2, a TorchScript archive, a pickled "
+                                        "--against model.")] = False,
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,

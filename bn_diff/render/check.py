@@ -11,13 +11,16 @@ from bn_diff.results import SEVERITY_RANK, LayerResult
 
 from .console import finding_line, fmt, layer_detail
 
+MAX_DETAIL = 3
+"""Mismatching layers shown with their per-channel table; the first one is usually the cause."""
+
 
 def exported_as(lr: LayerResult) -> str:
     """ "bn", "folded into conv1", "missing"."""
     kind = lr.extra.get("exported_as")
     if kind == "folded_conv":
         into = lr.extra.get("folded_into")
-        return f"folded into {into}" if into else "folded into a conv"
+        return f"folded: {into}" if into else "folded into a conv"
     return str(kind or "bn")
 
 
@@ -42,7 +45,9 @@ def _mode(lr: LayerResult) -> str:
 def summary_table(report: CheckReport) -> Table:
     t = Table(header_style="bn.head", show_edge=False, pad_edge=False, box=None)
     against = report.against is not None
-    cols = ["layer", "exported as", "mode", "C", "eps", "max |Δ|", "bad"]
+    # the mode column only when some layer is not plain eval (train, or eager/export differ)
+    show_mode = any(_mode(lr) != "eval" for lr in report.layers)
+    cols = ["layer", "exported as", *(["mode"] if show_mode else []), "C", "eps", "max |Δ|", "bad"]
     if against:
         cols.append("drift")
     cols.append("")
@@ -57,10 +62,10 @@ def summary_table(report: CheckReport) -> Table:
     for lr in report.layers:
         checked = lr.extra.get("checked", True)
         eps = lr.extra.get("export_eps", lr.info.eps)
-        row: list[str | Text] = [
-            Text(lr.name, style="bn.name"),
-            exported_as(lr),
-            Text(_mode(lr), style="bn.warn" if "train" in _mode(lr) else ""),
+        row: list[str | Text] = [Text(lr.name, style="bn.name"), exported_as(lr)]
+        if show_mode:
+            row.append(Text(_mode(lr), style="bn.warn" if "train" in _mode(lr) else ""))
+        row += [
             str(lr.info.num_features),
             "—" if eps != eps else fmt(eps, 3),
             fmt(lr.max_abs_diff, 2) if checked else "—",
@@ -115,10 +120,18 @@ def render_check(report: CheckReport, console: Console) -> None:
     if report.layers:
         console.print()
         console.print(summary_table(report))
-    for lr in report.layers:
-        if lr.mismatched:
-            console.print()
-            layer_detail(console, lr, all_channels=False)
+    mismatching = [lr for lr in report.layers if lr.mismatched]
+    for lr in mismatching[:MAX_DETAIL]:
+        console.print()
+        layer_detail(console, lr, all_channels=False)
+    if len(mismatching) > MAX_DETAIL:
+        console.print(
+            Text(
+                f"… {len(mismatching) - MAX_DETAIL} more mismatching layers not detailed "
+                "(--json or --junit has every one)",
+                style="bn.dim",
+            )
+        )
     if report.outputs:
         console.print()
         for o in report.outputs:

@@ -82,7 +82,7 @@ def test_passing_export_exits_0(workdir: Path, capsys: pytest.CaptureFixture[str
         "✔ check passed: all 17 BatchNorm layers (17 folded into convs) agree with the eager model."
         in out
     )
-    assert "folded into layer1.0.conv2" in out
+    assert "folded: layer1.0.conv2" in out
 
 
 def test_eps_fault_exits_1_and_matches_snapshot(
