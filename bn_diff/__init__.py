@@ -4,6 +4,8 @@ Public API (mirrors the CLI):
     report = bn_diff.run(model, inputs, mode="as-is", atol=None, rtol=None)
     bool(report)        # every BN layer agrees with its float64 recompute
     report.to_json()    # schema "bn-diff/run/v1"
+    report = bn_diff.check("model.onnx", inputs, against=model)   # exported model vs eager
+    report.assert_ok()  # for pytest: AssertionError naming every failing layer
 
 Attributes are imported lazily so that `bn-diff --help` never imports torch.
 """
@@ -18,6 +20,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": "pipeline",
     "run_files": "pipeline",
+    "check": "check_export",
+    "check_files": "check_export",
+    "CheckReport": "check_report",
     "BnDiffError": "errors",
     "ExitCode": "errors",
     "InputError": "errors",

@@ -256,6 +256,95 @@ def explain(
     raise typer.Exit(int(ExitCode.OK if exp else ExitCode.MISMATCH))
 
 
+@app.command()
+def check(
+    exported: Annotated[Path, typer.Argument(help="Exported model: .onnx, a torch.export .pt2 or a "
+                                             "TorchScript archive (both need --trust: loading "
+                                             "them can run code).")],
+    input: Annotated[Path | None, typer.Option("--input", metavar="INPUT",
+                     help="Input: .pt (tensor, tuple/list of tensors), .npy or .npz.")] = None,
+    against: Annotated[Path | None, typer.Option("--against", metavar="MODEL",
+                       help="The eager model to compare with, loaded as by `run` (a pickled "
+                       "module with --trust, or a state_dict with --arch).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Absolute tolerance (with --rtol).")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Relative tolerance (with --atol).")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", metavar="PATH",
+                     help="Write JUnit XML: one testcase per layer.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", metavar="PATH|-",
+                        help="Write the report as JSON (schema bn-diff/check/v1); - for stdout.")]
+    = None,
+    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Findings of this severity or worse "
+                                            "fail the check (exit 1).")] = FailOn.error,
+    trust: Annotated[bool, typer.Option("--trust", help="Allow files whose loading can run "
+                                        "code: a .pt2, a TorchScript archive, a pickled "
+                                        "--against model.")] = False,
+    arch: ArchOpt = None,
+    import_: ImportOpt = None,
+    pythonpath: PathOpt = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W",
+                           help="No input file: a synthetic standard-normal input of this shape.")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic input.")] = 0,
+    no_color: NoColorOpt = False,
+    traceback_: TracebackOpt = False,
+) -> None:
+    """Gate an exported model (ONNX, torch.export, TorchScript) on its BatchNorm layers: each BN
+    node, or conv holding a folded BN, against the eager layer (--against) or its own float64
+    recompute. For CI: --junit, --json, ::error annotations under GitHub Actions."""
+    _state["traceback"] = traceback_
+    import os
+
+    from .check_export import check_files
+    from .errors import UsageError
+    from .render.check import render_check
+    from .render.console import make_console
+
+    try:
+        if against is None and (arch is not None or import_):
+            raise UsageError(
+                "--arch and --import describe the --against model", "add --against MODEL"
+            )
+        report = check_files(
+            exported,
+            input,
+            against=against,
+            input_shape=input_shape,
+            seed=seed,
+            arch=arch,
+            trust=trust,
+            imports=import_ or (),
+            pythonpath=[str(p) for p in pythonpath or ()],
+            atol=atol,
+            rtol=rtol,
+            fail_on=fail_on.value,
+        )
+        _write_reports(report, json_out, junit)
+    except BnDiffError as e:
+        _fail(e)
+    if json_out != "-":
+        # CI logs are not terminals: give the table room instead of rich's 80 columns
+        wide = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+        render_check(report, make_console(no_color=no_color, width=wide))
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            from .render.github import github_annotations
+
+            for line in github_annotations(report):
+                print(line)
+    raise typer.Exit(int(ExitCode.OK if report else ExitCode.MISMATCH))
+
+
+def _write_reports(report: Any, json_out: str | None, junit: Path | None) -> None:
+    """JSON and JUnit files, each written atomically (an unwritable path is a usage error)."""
+    if json_out is not None:
+        from .render.jsonout import write_json
+
+        write_json(report.to_json(), json_out)
+    if junit is not None:
+        from .render.junit import write_junit
+
+        write_junit(report, junit)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user errors are one line with a hint; bugs keep their traceback (exit 4)."""
     try:

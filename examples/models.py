@@ -114,7 +114,7 @@ def resnet50_style() -> nn.Module:
 
 def resnet_tiny() -> nn.Module:
     """Same structure, fewer and narrower blocks: quick for tests."""
-    return ResNetStyle(blocks=(1, 1), width=8, num_classes=10).eval()
+    return ResNetStyle(blocks=(1, 1, 1, 1), width=8, num_classes=10).eval()
 
 
 # --- MobileNetV2 style --------------------------------------------------------------------------
