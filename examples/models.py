@@ -96,15 +96,13 @@ class ResNetStyle(nn.Module):
                 layers.append(Bottleneck(inplanes, planes, stride=2 if (j == 0 and i > 0) else 1))
                 inplanes = planes * Bottleneck.expansion
             stages.append(nn.Sequential(*layers))
-        self.stages = len(stages)
-        for i, stage in enumerate(stages):
-            self.add_module(f"layer{i + 1}", stage)
+        # four named stages, as torchvision's ResNet (and TorchScript-friendly)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(inplanes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(self.stages):
-            x = getattr(self, f"layer{i + 1}")(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(x.mean(dim=(2, 3)), 1))
 
 

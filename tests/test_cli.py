@@ -12,7 +12,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli
+from helpers import ROOT, cli
 
 SCHEMA = json.loads((ROOT / "bn_diff" / "schemas" / "run-v1.json").read_text())
 

@@ -7,7 +7,7 @@ import re
 import shlex
 
 import pytest
-from conftest import ROOT, cli
+from helpers import ROOT, cli
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import onnx
 import pytest
-from conftest import REPO, Exports
+from check_helpers import REPO, Exports
 
 import bn_diff
 from bn_diff.cli import main

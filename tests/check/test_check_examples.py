@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from check_helpers import REPO
 
 CI = REPO / "examples" / "ci"
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import export, quiet
+from check_helpers import export, quiet
 from torch import nn
 
 import bn_diff

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import Exports, export, models
+from check_helpers import Exports, export, models
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper

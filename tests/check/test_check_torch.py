@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import Exports, quiet
+from check_helpers import Exports, quiet
 
 import bn_diff
 from bn_diff.errors import InputError
