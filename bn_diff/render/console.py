@@ -20,6 +20,7 @@ from rich.text import Text
 from rich.theme import Theme
 
 from ..results import SEVERITY_RANK, ChannelStats, Finding, LayerResult, RunReport
+from .diagnosis import reference_headline, render_diagnoses
 
 THEME = Theme(
     {
@@ -253,6 +254,7 @@ def render_run(
                 style="bn.dim",
             )
         )
+    reference_headline(report, console)
     if report.layers:
         console.print()
         console.print(summary_table(report))
@@ -260,6 +262,7 @@ def render_run(
     for lr in shown:
         console.print()
         layer_detail(console, lr, all_channels)
+    render_diagnoses(report, console)
     findings = sorted(report.all_findings, key=lambda f: -SEVERITY_RANK[f.severity])
     if findings:
         console.print()

@@ -1,0 +1,407 @@
+"""The machinery under `diagnose`: one moments pass, a small sample, predictors, screening, scoring.
+
+Every hypothesis is a *predictor* of the reference output. Scoring one exactly needs a pass over the
+whole layer, so hypotheses are first screened on a fixed sample of positions (a lower bound of the
+true residual: a hypothesis that fails there fails everywhere), and only survivors get the exact,
+chunked float64 pass. Nothing here materialises a float64 copy of a whole activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .recompute import F64, _bcast, chunks, reduce_dims
+from .results import Tolerance, default_pair
+
+SAMPLE_SIZE = 128
+"""Positions per channel in the screening sample."""
+ROUNDING_K = 4.0
+"""Multiplier of eps_dtype·(per-channel scale) allowed for honest rounding in the foreign code."""
+
+
+# --- pass 1: per-channel co-moments of (x, y_ref) ----------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CoMoments:
+    """Per-channel means and centered co-moments of x and y_ref (float64, shape (C,))."""
+
+    count: int
+    """m, values per channel."""
+    mx: torch.Tensor
+    my: torch.Tensor
+    cxx: torch.Tensor
+    """Σ(x - x̄)²."""
+    cxy: torch.Tensor
+    cyy: torch.Tensor
+    xmin: torch.Tensor
+    xmax: torch.Tensor
+    ymin: torch.Tensor
+    ymax: torch.Tensor
+    nonfinite_x: int
+    nonfinite_y: int
+
+    @property
+    def var_x(self) -> torch.Tensor:
+        """Biased batch variance of x."""
+        return self.cxx / max(self.count, 1)
+
+    @property
+    def xabs(self) -> torch.Tensor:
+        return torch.maximum(self.xmin.abs(), self.xmax.abs())
+
+    def affine_fit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, b, rms) of the least-squares fit y_ref ≈ a·x + b per channel.
+
+        a is NaN where x is constant (nothing to fit).
+        """
+        a = self.cxy / self.cxx
+        a = torch.where(self.cxx > 0, a, torch.full_like(a, float("nan")))
+        b = self.my - a * self.mx
+        rss = (self.cyy - a * self.cxy).clamp_min(0.0)
+        return a, b, torch.sqrt(rss / max(self.count, 1))
+
+
+def co_moments(x: torch.Tensor, y: torch.Tensor) -> CoMoments:
+    """One chunked float64 pass; chunks merged with Chan's update (as exact as two passes)."""
+    c = int(x.shape[1])
+    dev = x.device
+    z = torch.zeros(c, dtype=F64, device=dev)
+    n = z.clone()
+    mx, my, cxx, cxy, cyy = z.clone(), z.clone(), z.clone(), z.clone(), z.clone()
+    inf = torch.full((c,), float("inf"), dtype=F64, device=dev)
+    xmin, xmax, ymin, ymax = inf.clone(), -inf, inf.clone(), -inf.clone()
+    bad_x = bad_y = 0
+    dims = reduce_dims(x.dim())
+    for ns, cs in chunks(x.shape):
+        xc = x[ns, cs].to(F64)
+        yc = y[ns, cs].to(F64)
+        nb = xc.numel() // max(xc.shape[1], 1)
+        if nb == 0:
+            continue
+        bad_x += int((~torch.isfinite(xc)).sum().item())
+        bad_y += int((~torch.isfinite(yc)).sum().item())
+        bx = xc.mean(dim=dims)
+        by = yc.mean(dim=dims)
+        dx = xc - _bcast(bx, xc.dim())
+        dy = yc - _bcast(by, yc.dim())
+        bxx, bxy, byy = (dx * dx).sum(dim=dims), (dx * dy).sum(dim=dims), (dy * dy).sum(dim=dims)
+        na = n[cs]
+        tot = na + nb
+        ex, ey = bx - mx[cs], by - my[cs]
+        w = na * nb / tot
+        cxx[cs] += bxx + ex * ex * w
+        cxy[cs] += bxy + ex * ey * w
+        cyy[cs] += byy + ey * ey * w
+        mx[cs] += ex * (nb / tot)
+        my[cs] += ey * (nb / tot)
+        n[cs] = tot
+        xmin[cs] = torch.minimum(xmin[cs], xc.amin(dim=dims))
+        xmax[cs] = torch.maximum(xmax[cs], xc.amax(dim=dims))
+        ymin[cs] = torch.minimum(ymin[cs], yc.amin(dim=dims))
+        ymax[cs] = torch.maximum(ymax[cs], yc.amax(dim=dims))
+    m = x.numel() // max(c, 1)
+    return CoMoments(m, mx, my, cxx, cxy, cyy, xmin, xmax, ymin, ymax, bad_x, bad_y)
+
+
+# --- the screening sample ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The same K positions (sample index n, spatial index s) taken from every channel."""
+
+    n: torch.Tensor
+    """(K,) sample indices."""
+    s: tuple[torch.Tensor, ...]
+    """One (K,) index tensor per spatial axis."""
+    x: torch.Tensor
+    """(K, C) float64."""
+    y: torch.Tensor
+    """(K, C) float64 reference values."""
+    y_torch: torch.Tensor | None = None
+
+
+def take_sample(
+    x: torch.Tensor, y: torch.Tensor, y_torch: torch.Tensor | None, k: int = SAMPLE_SIZE
+) -> Sample:
+    """K spread-out positions (deterministic jitter) gathered from x, y_ref and PyTorch's output."""
+    shape = tuple(int(s) for s in x.shape)
+    spatial = shape[2:]
+    plane = 1
+    for s in spatial:
+        plane *= s
+    m = shape[0] * plane
+    k = max(1, min(k, m))
+    g = torch.Generator().manual_seed(0)
+    jitter = torch.rand(k, generator=g, dtype=F64)
+    pos = ((torch.arange(k, dtype=F64) + jitter) * (m / k)).long().clamp(0, m - 1)
+    pos = pos.to(x.device)
+    n_idx = pos // plane
+    rest = pos % plane
+    s_idx: list[torch.Tensor] = []
+    for size in reversed(spatial):
+        s_idx.append(rest % size)
+        rest = rest // size
+    s_idx.reverse()
+    index: tuple[torch.Tensor | slice, ...] = (n_idx, slice(None), *s_idx)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t[index].to(F64).reshape(k, shape[1])
+
+    return Sample(n_idx, tuple(s_idx), take(x), take(y), None if y_torch is None else take(y_torch))
+
+
+# --- predictors ----------------------------------------------------------------------------------
+class Predictor:
+    """What a hypothesis says the reference is: on a chunk of x, and on the sample."""
+
+    def chunk(self, xc: torch.Tensor, ns: slice, cs: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, s: Sample) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scale(self, xabs: torch.Tensor) -> torch.Tensor:
+        """(C,) size of the numbers the foreign code handles on each channel (rounding scale)."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class ChannelAffine(Predictor):
+    """y = A·x + B with (L,) coefficients along `axis` (1: the channel axis)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    beta: torch.Tensor
+    axis: int = 1
+
+    def chunk(self, xc: torch.Tensor, ns: slice, cs: slice) -> torch.Tensor:
+        if self.axis == 1:
+            return xc * _bcast(self.a[cs], xc.dim()) + _bcast(self.b[cs], xc.dim())
+        shape = [1] * xc.dim()
+        shape[self.axis] = -1
+        return xc * self.a.reshape(shape) + self.b.reshape(shape)
+
+    def sample(self, s: Sample) -> torch.Tensor:
+        if self.axis == 1:
+            return s.x * self.a + self.b
+        i = s.s[self.axis - 2]
+        return s.x * self.a[i][:, None] + self.b[i][:, None]
+
+    def scale(self, xabs: torch.Tensor) -> torch.Tensor:
+        if self.axis == 1:
+            return self.a.abs() * xabs + self.b.abs() + self.beta.abs()
+        return self.a.abs().max() * xabs + self.b.abs().max() + self.beta.abs().max()
+
+
+@dataclass(eq=False)
+class GroupAffine(Predictor):
+    """y = A[g, c]·x + B[g, c] where g is the sample's group: samples [g·G, (g+1)·G)."""
+
+    a: torch.Tensor
+    """(groups, C)."""
+    b: torch.Tensor
+    beta: torch.Tensor
+    group: int
+
+    def _rows(self, n: torch.Tensor) -> torch.Tensor:
+        return (n // self.group).clamp_max(self.a.shape[0] - 1)
+
+    def chunk(self, xc: torch.Tensor, ns: slice, cs: slice) -> torch.Tensor:
+        n = torch.arange(ns.start or 0, (ns.start or 0) + xc.shape[0], device=xc.device)
+        rows = self._rows(n)
+        extra = (1,) * (xc.dim() - 2)
+        a = self.a[rows][:, cs].reshape(*self.a[rows][:, cs].shape, *extra)
+        b = self.b[rows][:, cs].reshape(*self.b[rows][:, cs].shape, *extra)
+        return xc * a + b
+
+    def sample(self, s: Sample) -> torch.Tensor:
+        rows = self._rows(s.n)
+        return s.x * self.a[rows] + self.b[rows]
+
+    def scale(self, xabs: torch.Tensor) -> torch.Tensor:
+        return self.a.abs().amax(0) * xabs + self.b.abs().amax(0) + self.beta.abs()
+
+
+@dataclass(eq=False)
+class SampleAffine(Predictor):
+    """y = γ_c·r_n·(x - μ_n) + β_c: statistics per sample (LayerNorm-like), parameters per channel.
+
+    r_n = 1/sqrt(var_n + eps).
+    """
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    mu: torch.Tensor
+    """(N,) per-sample mean."""
+    r: torch.Tensor
+    """(N,) per-sample 1/sqrt(var + eps)."""
+
+    def _coef(self, n: torch.Tensor, cs: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.r[n][:, None] * self.gamma[cs][None, :]
+        return a, self.beta[cs][None, :] - a * self.mu[n][:, None]
+
+    def chunk(self, xc: torch.Tensor, ns: slice, cs: slice) -> torch.Tensor:
+        n = torch.arange(ns.start or 0, (ns.start or 0) + xc.shape[0], device=xc.device)
+        a, b = self._coef(n, cs)
+        extra = (1,) * (xc.dim() - 2)
+        return xc * a.reshape(*a.shape, *extra) + b.reshape(*b.shape, *extra)
+
+    def sample(self, s: Sample) -> torch.Tensor:
+        a, b = self._coef(s.n, slice(None))
+        return s.x * a + b
+
+    def scale(self, xabs: torch.Tensor) -> torch.Tensor:
+        rmax = self.r.abs().max()
+        return self.gamma.abs() * rmax * (xabs + self.mu.abs().max()) + self.beta.abs()
+
+
+@dataclass(eq=False)
+class Direct(Predictor):
+    """PyTorch's own output tensor, as the prediction (matches_pytorch)."""
+
+    y: torch.Tensor
+    formula: ChannelAffine
+
+    def chunk(self, xc: torch.Tensor, ns: slice, cs: slice) -> torch.Tensor:
+        return self.y[ns, cs].to(F64)
+
+    def sample(self, s: Sample) -> torch.Tensor:
+        assert s.y_torch is not None
+        return s.y_torch
+
+    def scale(self, xabs: torch.Tensor) -> torch.Tensor:
+        return self.formula.scale(xabs)
+
+
+@dataclass(eq=False)
+class Mapped(Predictor):
+    """An elementwise function (an activation, a clamp) applied to another prediction."""
+
+    base: Predictor
+    fn: Callable[[torch.Tensor, slice], torch.Tensor]
+    """fn(prediction, channel slice)."""
+
+    def chunk(self, xc: torch.Tensor, ns: slice, cs: slice) -> torch.Tensor:
+        return self.fn(self.base.chunk(xc, ns, cs), cs)
+
+    def sample(self, s: Sample) -> torch.Tensor:
+        return self.fn(self.base.sample(s), slice(None))
+
+    def scale(self, xabs: torch.Tensor) -> torch.Tensor:
+        return self.base.scale(xabs)
+
+
+# --- candidates and their scores -----------------------------------------------------------------
+@dataclass(eq=False)
+class Candidate:
+    """One hypothesis with its prediction and the words that go with it."""
+
+    id: str
+    pred: Predictor
+    explanation: str
+    fix: str = ""
+    params: dict[str, float] = field(default_factory=dict)
+    tier: int = 1
+    """0 PyTorch itself, 1 closed form, 2 fitted parameter, 3 non-affine family / modifier."""
+    key: str = ""
+    """"E:batch" / "E:running" for the plain formulas that parametric hypotheses generalise."""
+    generalizes: str = ""
+    """The key of the plain formula this one reduces to at its degenerate parameter value."""
+    documented_alt: bool = False
+    """A documented alternative value (kept as a tie even when the plain formula fits)."""
+    tol_dtype: torch.dtype | None = None
+    """Judge with this dtype's tolerance (half_precision) instead of the reference's."""
+    extra_tol: torch.Tensor | None = None
+    """(C,) added to the tolerance (quantized: half a lattice step)."""
+    min_residual: float = 0.0
+    """Fits only if its residual is at least this large (half_precision: errors of that size)."""
+    sample_score: float = float("inf")
+    score: float = float("inf")
+    """max |y_ref - y_hyp| / tolerance over the layer; <= 1 means it fits."""
+    residual: float = float("inf")
+    """max |y_ref - y_hyp|."""
+
+    @property
+    def coef(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        p = self.pred.formula if isinstance(self.pred, Direct) else self.pred
+        if isinstance(p, ChannelAffine) and p.axis == 1 and self.tol_dtype is None:
+            return p.a, p.b
+        return None
+
+    @property
+    def fits(self) -> bool:
+        return self.score <= 1.0 and self.residual >= self.min_residual
+
+
+@dataclass(frozen=True, slots=True)
+class Judge:
+    """How close is close enough: the tolerance policy for one layer."""
+
+    tol: Tolerance
+    dtype: torch.dtype
+    """The coarser of the input's and the reference's dtype."""
+    xabs: torch.Tensor
+    """(C,) max |x| per channel."""
+
+    def limits(self, c: Candidate) -> tuple[float, float, torch.Tensor]:
+        """(atol, rtol, (C,) allowance) for candidate c."""
+        dtype = c.tol_dtype or self.dtype
+        if self.tol.explicit and c.tol_dtype is None:
+            assert self.tol.atol is not None and self.tol.rtol is not None
+            allow = torch.zeros_like(self.xabs)
+            atol, rtol = self.tol.atol, self.tol.rtol
+        else:
+            atol, rtol = default_pair(str(dtype).removeprefix("torch."))
+            eps = torch.finfo(dtype).eps
+            allow = ROUNDING_K * eps * c.pred.scale(self.xabs)
+            allow = torch.nan_to_num(allow, nan=0.0, posinf=0.0, neginf=0.0)
+        if c.extra_tol is not None:
+            allow = allow + c.extra_tol
+        return atol, rtol, allow
+
+
+def _score(
+    y: torch.Tensor, yh: torch.Tensor, atol: float, rtol: float, allow: torch.Tensor
+) -> tuple[float, float]:
+    """(max |y - yh|, max |y - yh| / tolerance); NaN agrees with NaN only."""
+    d = (y - yh).abs()
+    same = (y == yh) | (y.isnan() & yh.isnan())
+    d = torch.where(same, torch.zeros((), dtype=F64, device=d.device), d)
+    d = torch.nan_to_num(d, nan=float("inf"))
+    if d.numel() == 0:
+        return 0.0, 0.0
+    bound = atol + rtol * y.abs().nan_to_num(nan=0.0, posinf=0.0) + allow
+    ratio = torch.where(d == 0, torch.zeros_like(d), d / bound.clamp_min(1e-300))
+    return float(d.max().item()), float(ratio.max().item())
+
+
+def screen(cands: Sequence[Candidate], s: Sample, judge: Judge) -> None:
+    """Score every candidate on the sample (a lower bound of its exact score)."""
+    for c in cands:
+        atol, rtol, allow = judge.limits(c)
+        try:
+            yh = c.pred.sample(s)
+        except (RuntimeError, IndexError):
+            c.sample_score = float("inf")
+            continue
+        _, c.sample_score = _score(s.y, yh, atol, rtol, allow[None, :])
+
+
+def exact(cands: Sequence[Candidate], x: torch.Tensor, y: torch.Tensor, judge: Judge) -> None:
+    """Score candidates on every element, chunk by chunk, in float64."""
+    if not cands:
+        return
+    lim = [judge.limits(c) for c in cands]
+    res = [0.0] * len(cands)
+    sco = [0.0] * len(cands)
+    for ns, cs in chunks(x.shape):
+        xc = x[ns, cs].to(F64)
+        yc = y[ns, cs].to(F64)
+        for i, c in enumerate(cands):
+            atol, rtol, allow = lim[i]
+            r, s = _score(yc, c.pred.chunk(xc, ns, cs), atol, rtol, _bcast(allow[cs], xc.dim()))
+            res[i] = max(res[i], r)
+            sco[i] = max(sco[i], s)
+    for i, c in enumerate(cands):
+        c.residual, c.score = res[i], sco[i]
