@@ -166,30 +166,31 @@ def _evaluate(
     exact([c for c in cands if c.sample_score <= 1.0], x, y, judge)
 
 
-def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return all(
-        bool(torch.allclose(p, q, rtol=1e-12, atol=1e-300, equal_nan=True))
-        for p, q in zip(a, b, strict=True)
-    )
-
-
 def _dedupe(cands: list[Candidate]) -> list[Candidate]:
     """Drop a hypothesis that computes exactly what an earlier (preferred) one computes.
 
     E.g. with beta ≡ 0, "beta ignored" *is* the plain formula: that is not a tie worth naming.
     """
     kept: list[Candidate] = []
+    rows: list[torch.Tensor] = []
     for c in cands:
         co = c.coef
-        twin = (
-            None
-            if co is None
-            else next((k for k in kept if k.coef is not None and _same(k.coef, co)), None)
-        )
-        if twin is None:
+        if co is None:
             kept.append(c)
-        elif c.key and not twin.key:
-            twin.key = c.key
+            continue
+        row = torch.cat(co)
+        if rows:
+            table = torch.stack(rows)
+            close = (table - row).abs() <= 1e-12 * row.abs() + 1e-300
+            close |= table.isnan() & row.isnan()
+            hit = torch.nonzero(close.all(dim=1)).flatten()
+            if hit.numel():
+                twin = [k for k in kept if k.coef is not None][int(hit[0])]
+                if c.key and not twin.key:
+                    twin.key = c.key
+                continue
+        kept.append(c)
+        rows.append(row)
     return kept
 
 

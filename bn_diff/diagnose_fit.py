@@ -58,9 +58,12 @@ def weighted_median(v: torch.Tensor, w: torch.Tensor) -> float:
     return float(v[min(i, v.numel() - 1)].item())
 
 
-def _snap(value: float, catalog: dict[float, str], rel: float = 0.05) -> float | None:
+def _snap(
+    value: float, catalog: dict[float, str], rel: float = 0.05, zero: float = 0.0
+) -> float | None:
+    """The catalogue value within `rel` (relative) of `value`; 0 when |value| <= zero."""
     for c in catalog:
-        if (c == 0 and abs(value) <= 1e-9) or (c != 0 and abs(value - c) <= rel * abs(c)):
+        if (c == 0 and abs(value) <= zero) or (c != 0 and abs(value - c) <= rel * abs(c)):
             return c
     return None
 
@@ -96,7 +99,7 @@ def _eps(
     alt = 1e-5 if eps == 1e-3 else 1e-3
     values: list[tuple[float, bool]] = []
     if math.isfinite(est) and abs(est - eps) > 0.05 * max(eps, 1e-12) and est > -float(var.min()):
-        snapped = _snap(est, EPS_CATALOG)
+        snapped = _snap(est, EPS_CATALOG, zero=0.05 * eps)
         if snapped is not None and snapped != eps:
             values.append((snapped, False))
         values.append((alt, True))

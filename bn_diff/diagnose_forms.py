@@ -307,8 +307,7 @@ def _permutations(layer: Layer) -> list[Candidate]:
                 continue
             src = {k: mapping.get(k, k) for k in SLOTS}
             g, b, mean, var = (vals[src[k]] for k in SLOTS)
-            if bool((var + eps <= 0).any().item()):
-                continue
+            # a negative 'variance' gives NaN channels: foreign code would produce them too
             moved = ", ".join(f"{k} ← {src[k]}" for k in SLOTS if src[k] != k)
             out.append(
                 Candidate(

@@ -71,8 +71,8 @@ def load_reference(path: Path, layer: str | None = None, layout: str = "auto") -
             )
     elif "" in tensors:
         raise UsageError(
-            f"reference {path} holds a single tensor with no layer name",
-            "say which layer it is with --reference-layer NAME",
+            f"reference {path} holds a single tensor: name its layer with --reference-layer NAME",
+            "e.g. --reference-layer layer1.0.bn1 (`bn-diff layers MODEL` lists the names)",
         )
     return Reference(tensors, str(path), layout)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
-from rich.console import Console, RenderableType
-from rich.padding import Padding
+from rich.console import Console
 from rich.text import Text
 
 from bn_diff.results import Hypothesis, LayerResult, RunReport
@@ -49,10 +49,16 @@ def _params(h: Hypothesis) -> str:
     return ", ".join(f"{k}={v:.6g}" for k, v in h.params.items() if not k.startswith("variant_"))
 
 
-def diagnosis_lines(lr: LayerResult) -> list[RenderableType]:
+def _wrapped(text: str, indent: int, width: int, style: str = "") -> list[Text]:
+    """Hanging-indented lines, no trailing spaces (stable in snapshots)."""
+    pad = " " * indent
+    return [Text(pad + line, style=style) for line in textwrap.wrap(text, max(width - indent, 20))]
+
+
+def diagnosis_lines(lr: LayerResult, width: int = 100) -> list[Text]:
     """The reference comparison and the ranked hypotheses of one layer."""
     info: dict[str, Any] = lr.extra.get("reference", {})
-    lines: list[RenderableType] = []
+    lines: list[Text] = []
     head = Text()
     head.append(lr.name, style="bn.name")
     head.append("  vs reference")
@@ -85,22 +91,17 @@ def diagnosis_lines(lr: LayerResult) -> list[RenderableType]:
         if rank > 1 and h.hypothesis in tied_first:
             t.append("  (tie)", style="bn.warn")
         lines.append(t)
-        lines.append(Padding(Text(h.explanation), (0, 0, 0, 5), expand=False))
+        lines += _wrapped(h.explanation, 5, width)
         if h.fix:
-            lines.append(
-                Padding(Text(f"fix: {h.fix}", style="bn.hint"), (0, 0, 0, 5), expand=False)
-            )
+            lines += _wrapped(f"fix: {h.fix}", 5, width, "bn.hint")
     if len(lr.diagnosis) > 1:
-        lines.append(
-            Padding(
-                Text(
-                    f"tie: {len(lr.diagnosis)} hypotheses reproduce the reference within "
-                    "tolerance; the data cannot tell them apart.",
-                    style="bn.warn",
-                ),
-                (0, 0, 0, 2),
-                expand=False,
-            )
+        n = len(lr.diagnosis)
+        lines += _wrapped(
+            f"tie: {n} hypotheses reproduce the reference within tolerance; the data cannot tell "
+            "them apart.",
+            2,
+            width,
+            "bn.warn",
         )
     return lines
 
@@ -111,5 +112,5 @@ def render_diagnoses(report: RunReport, console: Console) -> None:
         if "reference" not in lr.extra:
             continue
         console.print()
-        for line in diagnosis_lines(lr):
+        for line in diagnosis_lines(lr, console.width):
             console.print(line)
