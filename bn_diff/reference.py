@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import difflib
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ LAYOUTS = ("nchw", "nhwc", "auto")
 class Reference:
     """Foreign tensors by qualified layer name, and how to read their layout."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
+    """Loaded on access for .npz and .npy directories (one layer in memory at a time)."""
     source: str
     layout: str = "auto"
     """nchw, nhwc (channels-last, moved to axis 1 before diagnosis) or auto (whatever fits)."""
@@ -41,6 +43,25 @@ class Reference:
         if hit is None and name.endswith("#1"):
             hit = self.tensors.get(name[:-2])
         return hit
+
+
+class Arrays(Mapping[str, torch.Tensor]):
+    """Arrays read on access: every header is checked up front, the data only when a layer runs."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self._loaders = loaders
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._loaders[key]()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
 
 
 def load_reference(path: Path, layer: str | None = None, layout: str = "auto") -> Reference:
@@ -60,10 +81,11 @@ def load_reference(path: Path, layer: str | None = None, layout: str = "auto") -
         else:
             tensors = _pt(path)
     if layer is not None:
-        if "" in tensors or len(tensors) == 1:
-            tensors = {layer: next(iter(tensors.values()))}
-        elif layer in tensors:
-            tensors = {layer: tensors[layer]}
+        found = tensors
+        if "" in found or len(found) == 1:
+            tensors = Arrays({layer: partial(found.__getitem__, next(iter(found)))})
+        elif layer in found:
+            tensors = Arrays({layer: partial(found.__getitem__, layer)})
         else:
             raise UsageError(
                 f"--reference-layer {layer!r} is not among the {len(tensors)} arrays in {path}",
@@ -77,13 +99,15 @@ def load_reference(path: Path, layer: str | None = None, layout: str = "auto") -
     return Reference(tensors, str(path), layout)
 
 
-def _npy_dir(path: Path) -> dict[str, torch.Tensor]:
+def _npy_dir(path: Path) -> Mapping[str, torch.Tensor]:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".npy" and p.is_file())
     if not files:
         raise InputError(
             f"reference directory {path} holds no .npy files", "save one .npy per layer"
         )
-    return {p.name[: -len(".npy")]: _npy(p) for p in files}
+    for p in files:
+        _check_npy(p)
+    return Arrays({p.name[: -len(".npy")]: partial(_npy, p) for p in files})
 
 
 def _header(f: Any, path: Path, avail: int) -> None:
@@ -100,6 +124,8 @@ def _header(f: Any, path: Path, avail: int) -> None:
             f"reference {path} holds Python objects; loading them would unpickle",
             "save a numeric array",
         )
+    if dtype.kind not in "fiu":
+        raise InputError(f"reference {path} has dtype {dtype}, not a number type", None)
     nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
     if nbytes > MAX_INPUT_BYTES or nbytes > avail - f.tell():
         raise InputError(
@@ -109,11 +135,15 @@ def _header(f: Any, path: Path, avail: int) -> None:
         )
 
 
-def _npy(path: Path) -> torch.Tensor:
+def _check_npy(path: Path) -> None:
     _check_file(path, "reference")
     with open(path, "rb") as f:
         _header(f, path, path.stat().st_size)
-        f.seek(0)
+
+
+def _npy(path: Path) -> torch.Tensor:
+    _check_npy(path)
+    with open(path, "rb") as f:
         try:
             arr = np.lib.format.read_array(f, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -121,13 +151,9 @@ def _npy(path: Path) -> torch.Tensor:
     return _tensor(arr, path)
 
 
-def _npz(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise InputError(f"reference {path} is not a valid .npz file ({e})", None) from None
-    out: dict[str, torch.Tensor] = {}
-    with zf:
+def _npz(path: Path) -> Mapping[str, torch.Tensor]:
+    loaders: dict[str, Callable[[], torch.Tensor]] = {}
+    with _open_zip(path) as zf:
         infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
         if not infos:
             raise InputError(f"reference {path} holds no arrays", None)
@@ -139,14 +165,28 @@ def _npz(path: Path) -> dict[str, torch.Tensor]:
             try:
                 with zf.open(info) as f:
                     _header(f, path, info.file_size)
-                with zf.open(info) as f:
-                    arr = np.lib.format.read_array(f, allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
                 raise InputError(
                     f"reference {path}: member {info.filename} is unreadable ({e})", None
                 ) from None
-            out[info.filename[: -len(".npy")]] = _tensor(arr, path)
-    return out
+            loaders[info.filename[: -len(".npy")]] = partial(_npz_member, path, info.filename)
+    return Arrays(loaders)
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(f"reference {path} is not a valid .npz file ({e})", None) from None
+
+
+def _npz_member(path: Path, member: str) -> torch.Tensor:
+    try:
+        with _open_zip(path) as zf, zf.open(member) as f:
+            arr = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"reference {path}: member {member} is unreadable ({e})", None) from None
+    return _tensor(arr, path)
 
 
 def _pt(path: Path) -> dict[str, torch.Tensor]:
