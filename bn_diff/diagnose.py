@@ -170,28 +170,41 @@ def _dedupe(cands: list[Candidate]) -> list[Candidate]:
     """Drop a hypothesis that computes exactly what an earlier (preferred) one computes.
 
     E.g. with beta ≡ 0, "beta ignored" *is* the plain formula: that is not a tie worth naming.
+    A random projection of the coefficients finds the few pairs worth comparing in full.
     """
+    coefs = [(i, c.coef) for i, c in enumerate(cands)]
+    rows = {i: torch.cat(co) for i, co in coefs if co is not None}
+    if len(rows) < 2:
+        return cands
+    table = torch.stack(list(rows.values()))
+    r = torch.rand(table.shape[1], generator=torch.Generator().manual_seed(0), dtype=table.dtype)
+    finite = table.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    proj = dict(zip(rows, (finite @ r.to(table.device)).tolist(), strict=True))
+    mag = dict(zip(rows, (finite.abs() @ r.to(table.device)).tolist(), strict=True))
     kept: list[Candidate] = []
-    rows: list[torch.Tensor] = []
-    for c in cands:
-        co = c.coef
-        if co is None:
-            kept.append(c)
-            continue
-        row = torch.cat(co)
-        if rows:
-            table = torch.stack(rows)
-            close = (table - row).abs() <= 1e-12 * row.abs() + 1e-300
-            close |= table.isnan() & row.isnan()
-            hit = torch.nonzero(close.all(dim=1)).flatten()
-            if hit.numel():
-                twin = [k for k in kept if k.coef is not None][int(hit[0])]
-                if c.key and not twin.key:
-                    twin.key = c.key
+    kept_rows: list[int] = []
+    for i, c in enumerate(cands):
+        if i in rows:
+            twin = next(
+                (
+                    j
+                    for j in kept_rows
+                    if abs(proj[i] - proj[j]) <= 1e-10 * (mag[i] + mag[j]) + 1e-300
+                    and _same(rows[i], rows[j])
+                ),
+                None,
+            )
+            if twin is not None:
+                if c.key and not cands[twin].key:
+                    cands[twin].key = c.key
                 continue
+            kept_rows.append(i)
         kept.append(c)
-        rows.append(row)
     return kept
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.allclose(a, b, rtol=1e-12, atol=1e-300, equal_nan=True))
 
 
 def select(cands: list[Candidate]) -> tuple[Hypothesis, ...]:

@@ -16,7 +16,7 @@ import torch
 from .recompute import F64, _bcast, chunks, reduce_dims
 from .results import Tolerance, default_pair
 
-SAMPLE_SIZE = 128
+SAMPLE_SIZE = 32
 """Positions per channel in the screening sample."""
 ROUNDING_K = 4.0
 """Multiplier of eps_dtype·(per-channel scale) allowed for honest rounding in the foreign code."""
@@ -377,8 +377,24 @@ def _score(
 
 
 def screen(cands: Sequence[Candidate], s: Sample, judge: Judge) -> None:
-    """Score every candidate on the sample (a lower bound of its exact score)."""
+    """Score every candidate on the sample (a lower bound of its exact score).
+
+    Plain per-channel affine candidates, the bulk, are scored together in a few batched ops.
+    """
+    plain = [
+        c
+        for c in cands
+        if type(c.pred) is ChannelAffine
+        and c.pred.axis == 1
+        and c.tol_dtype is None
+        and c.extra_tol is None
+    ]
+    if plain:
+        _screen_affine(plain, s, judge)
+    done = {id(c) for c in plain}
     for c in cands:
+        if id(c) in done:
+            continue
         atol, rtol, allow = judge.limits(c)
         try:
             yh = c.pred.sample(s)
@@ -386,6 +402,38 @@ def screen(cands: Sequence[Candidate], s: Sample, judge: Judge) -> None:
             c.sample_score = float("inf")
             continue
         _, c.sample_score = _score(s.y, yh, atol, rtol, allow[None, :])
+
+
+def _screen_affine(cands: Sequence[Candidate], s: Sample, judge: Judge) -> None:
+    preds = [c.pred for c in cands]
+    assert all(isinstance(p, ChannelAffine) for p in preds)
+    a = torch.stack([p.a for p in preds if isinstance(p, ChannelAffine)])
+    b = torch.stack([p.b for p in preds if isinstance(p, ChannelAffine)])
+    beta = torch.stack([p.beta for p in preds if isinstance(p, ChannelAffine)])
+    if judge.tol.explicit:
+        assert judge.tol.atol is not None and judge.tol.rtol is not None
+        atol, rtol = judge.tol.atol, judge.tol.rtol
+        allow = torch.zeros_like(a)
+    else:
+        atol, rtol = default_pair(str(judge.dtype).removeprefix("torch."))
+        scale = a.abs() * judge.xabs + b.abs() + beta.abs()
+        allow = ROUNDING_K * torch.finfo(judge.dtype).eps * scale
+        allow = torch.nan_to_num(allow, nan=0.0, posinf=0.0, neginf=0.0)
+    y = s.y[None]
+    base = atol + rtol * y.abs().nan_to_num(nan=0.0, posinf=0.0)
+    step = max(1, (1 << 17) // max(s.y.numel(), 1))
+    scores: list[float] = []
+    for k0 in range(0, a.shape[0], step):
+        sl = slice(k0, k0 + step)
+        yh = a[sl, None, :] * s.x[None] + b[sl, None, :]
+        d = (y - yh).abs()
+        d = torch.where((y == yh) | (y.isnan() & yh.isnan()), torch.zeros_like(d), d)
+        d = torch.nan_to_num(d, nan=float("inf"))
+        bound = (base + allow[sl, None, :]).clamp_min(1e-300)
+        ratio = torch.where(d == 0, torch.zeros_like(d), d / bound)
+        scores += ratio.flatten(1).amax(dim=1).tolist() if d.numel() else [0.0] * yh.shape[0]
+    for c, sc in zip(cands, scores, strict=True):
+        c.sample_score = sc
 
 
 def exact(cands: Sequence[Candidate], x: torch.Tensor, y: torch.Tensor, judge: Judge) -> None:
