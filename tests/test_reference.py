@@ -264,3 +264,36 @@ def test_cli_reference_errors(tmp_path: Path, monkeypatch, capsys) -> None:  # t
         )
         == 3
     )
+
+
+def test_example_port_with_keras_eps(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import make_examples
+    import make_reference
+
+    make_examples.main(tmp_path)
+    make_reference.main(tmp_path)
+    capsys.readouterr()
+    code = cli(
+        [
+            "run",
+            str(tmp_path / "small_cnn.safetensors"),
+            str(tmp_path / "cnn_input.npy"),
+            "--arch",
+            "models:small_cnn",
+            "--pythonpath",
+            str(EXAMPLES),
+            "--reference",
+            str(tmp_path / "theirs.npz"),
+            "--json",
+            "-",
+        ]
+    )
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["reference"]["first_divergent"] == "bn1" and doc["reference"]["starts"] == "bn"
+    layers = {lr["name"]: lr for lr in doc["layers"]}
+    for name in ("bn1", "bn2", "bn3"):
+        top = layers[name]["diagnosis"][0]
+        assert top["hypothesis"] == "eps_mismatch" and top["params"]["eps"] == 1e-3
+    assert layers["bn2"]["reference"]["starts"] == "before"
+    assert [f["id"] for f in doc["findings"]] == ["reference_diverges"]

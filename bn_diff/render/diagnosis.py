@@ -63,18 +63,25 @@ def diagnosis_lines(lr: LayerResult, width: int = 100) -> list[Text]:
     head.append(lr.name, style="bn.name")
     head.append("  vs reference")
     if "layout" in info:
-        head.append(f" ({info['layout']})")
-        head.append(f": differs from PyTorch by up to {_fmt(info['max_abs_diff'])}")
+        head.append(f" ({info['layout']}): ")
+        diff = _fmt(info["max_abs_diff"])
+        if info.get("explained_as") == "matches_pytorch":
+            head.append(f"matches PyTorch's output (max |Δ| {diff})", style="bn.ok")
+        else:
+            head.append(f"differs from PyTorch's output by up to {diff}", style="bn.mismatch")
+    lines.append(head)
     prod = info.get("producer")
     if prod is not None:
-        head.append(f"; input {prod['name']} ")
-        head.append(
-            "matches"
-            if prod["ok"]
-            else f"differs by {_fmt(prod['max_abs_diff'])} (diagnosed on your input)",
-            style="bn.ok" if prod["ok"] else "bn.mismatch",
-        )
-    lines.append(head)
+        t = Text(f"  its input {prod['name']}: ")
+        if prod["ok"]:
+            t.append("matches PyTorch's", style="bn.ok")
+            lines.append(t)
+        else:
+            t.append(f"differs from PyTorch's by up to {_fmt(prod['max_abs_diff'])}", "bn.mismatch")
+            lines.append(t)
+            lines.append(
+                Text("  the divergence starts before this BN; it is diagnosed on your input")
+            )
     tied_first = set(lr.diagnosis[0].tied_with) if lr.diagnosis else set()
     for rank, h in enumerate(lr.diagnosis, 1):
         t = Text(f"  {rank}. ")
