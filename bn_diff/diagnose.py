@@ -17,10 +17,12 @@ import torch
 from .diagnose_engine import (
     Candidate,
     ChannelAffine,
+    Direct,
     Judge,
     Sample,
     co_moments,
     exact,
+    score_direct,
     screen,
     take_sample,
 )
@@ -28,7 +30,7 @@ from .diagnose_families import families, modifiers
 from .diagnose_fit import fitted, implied
 from .diagnose_forms import Layer, plain
 from .errors import UsageError
-from .results import Hypothesis, Tolerance
+from .results import Hypothesis, Tolerance, default_pair
 
 HYPOTHESIS_IDS = (
     "matches_pytorch",
@@ -91,7 +93,11 @@ def diagnose(
     x, y_ref = x.detach(), y_ref.detach().to(x.device)
     y_ref = y_ref if y_ref.is_floating_point() else y_ref.to(torch.float32)
     c = int(x.shape[1])
-    mom = co_moments(x, y_ref)
+    judge_dtype = _coarser(x.dtype, y_ref.dtype)
+    rtol = tol.rtol if tol is not None and tol.rtol is not None else None
+    if rtol is None:
+        rtol = default_pair(str(judge_dtype).removeprefix("torch."))[1]
+    mom = co_moments(x, y_ref, y_torch, rtol)
     if mom.nonfinite_x:
         return (
             Hypothesis(
@@ -123,10 +129,13 @@ def diagnose(
         mom=mom,
         shape=tuple(int(s) for s in x.shape),
     )
-    judge = Judge(tol or Tolerance(), _coarser(x.dtype, y_ref.dtype), mom.xabs)
+    judge = Judge(tol or Tolerance(), judge_dtype, mom.xabs)
     sample = take_sample(x, y_ref, y_torch)
 
     first = _dedupe(plain(layer, y_torch) + fitted(layer))
+    for cand in first:
+        if isinstance(cand.pred, Direct):
+            score_direct(cand, mom, judge)
     _evaluate(first, sample, x, y_ref, judge)
     found = select(first)
     if found:

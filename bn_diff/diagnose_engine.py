@@ -41,6 +41,10 @@ class CoMoments:
     ymax: torch.Tensor
     nonfinite_x: int
     nonfinite_y: int
+    torch_diff: torch.Tensor | None = None
+    """(C,) max |y_ref - y_torch| (PyTorch's own output), when that was given."""
+    torch_excess: torch.Tensor | None = None
+    """(C,) max (|y_ref - y_torch| - rtol·|y_ref|): with atol + allowance, the exact fit test."""
 
     @property
     def var_x(self) -> torch.Tensor:
@@ -63,8 +67,14 @@ class CoMoments:
         return a, b, torch.sqrt(rss / max(self.count, 1))
 
 
-def co_moments(x: torch.Tensor, y: torch.Tensor) -> CoMoments:
-    """One chunked float64 pass; chunks merged with Chan's update (as exact as two passes)."""
+def co_moments(
+    x: torch.Tensor, y: torch.Tensor, y_torch: torch.Tensor | None = None, rtol: float = 0.0
+) -> CoMoments:
+    """One chunked float64 pass; chunks merged with Chan's update (as exact as two passes).
+
+    With PyTorch's own output it also measures |y_ref - y_torch| per channel in the same pass, so
+    that a reference which matches PyTorch costs one pass in all.
+    """
     c = int(x.shape[1])
     dev = x.device
     z = torch.zeros(c, dtype=F64, device=dev)
@@ -72,6 +82,8 @@ def co_moments(x: torch.Tensor, y: torch.Tensor) -> CoMoments:
     mx, my, cxx, cxy, cyy = z.clone(), z.clone(), z.clone(), z.clone(), z.clone()
     inf = torch.full((c,), float("inf"), dtype=F64, device=dev)
     xmin, xmax, ymin, ymax = inf.clone(), -inf, inf.clone(), -inf.clone()
+    tdiff = None if y_torch is None else z.clone()
+    texcess = None if y_torch is None else -inf.clone()
     bad_x = bad_y = 0
     dims = reduce_dims(x.dim())
     for ns, cs in chunks(x.shape):
@@ -80,10 +92,13 @@ def co_moments(x: torch.Tensor, y: torch.Tensor) -> CoMoments:
         nb = xc.numel() // max(xc.shape[1], 1)
         if nb == 0:
             continue
-        bad_x += int((~torch.isfinite(xc)).sum().item())
-        bad_y += int((~torch.isfinite(yc)).sum().item())
         bx = xc.mean(dim=dims)
         by = yc.mean(dim=dims)
+        # a NaN/Inf makes its channel's mean non-finite: count only then
+        if not bool(torch.isfinite(bx).all().item()):
+            bad_x += int((~torch.isfinite(xc)).sum().item())
+        if not bool(torch.isfinite(by).all().item()):
+            bad_y += int((~torch.isfinite(yc)).sum().item())
         dx = xc - _bcast(bx, xc.dim())
         dy = yc - _bcast(by, yc.dim())
         bxx, bxy, byy = (dx * dx).sum(dim=dims), (dx * dy).sum(dim=dims), (dy * dy).sum(dim=dims)
@@ -101,8 +116,16 @@ def co_moments(x: torch.Tensor, y: torch.Tensor) -> CoMoments:
         xmax[cs] = torch.maximum(xmax[cs], xc.amax(dim=dims))
         ymin[cs] = torch.minimum(ymin[cs], yc.amin(dim=dims))
         ymax[cs] = torch.maximum(ymax[cs], yc.amax(dim=dims))
+        if y_torch is not None and tdiff is not None and texcess is not None:
+            tc = y_torch[ns, cs].to(F64)
+            d = (yc - tc).abs()
+            d = torch.where((yc == tc) | (yc.isnan() & tc.isnan()), torch.zeros_like(d), d)
+            d = d.nan_to_num(nan=float("inf"))
+            tdiff[cs] = torch.maximum(tdiff[cs], d.amax(dim=dims))
+            excess = (d - rtol * yc.abs().nan_to_num(nan=0.0, posinf=0.0)).amax(dim=dims)
+            texcess[cs] = torch.maximum(texcess[cs], excess)
     m = x.numel() // max(c, 1)
-    return CoMoments(m, mx, my, cxx, cxy, cyy, xmin, xmax, ymin, ymax, bad_x, bad_y)
+    return CoMoments(m, mx, my, cxx, cxy, cyy, xmin, xmax, ymin, ymax, bad_x, bad_y, tdiff, texcess)
 
 
 # --- the screening sample ------------------------------------------------------------------------
@@ -316,6 +339,8 @@ class Candidate:
     """(C,) added to the tolerance (quantized: half a lattice step)."""
     min_residual: float = 0.0
     """Fits only if its residual is at least this large (half_precision: errors of that size)."""
+    exact_fit: bool | None = None
+    """Set when the fit test was done exactly some other way (matches_pytorch, in pass 1)."""
     sample_score: float = float("inf")
     score: float = float("inf")
     """max |y_ref - y_hyp| / tolerance over the layer; <= 1 means it fits."""
@@ -331,6 +356,8 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
+        if self.exact_fit is not None:
+            return self.exact_fit
         return self.score <= 1.0 and self.residual >= self.min_residual
 
 
@@ -359,6 +386,23 @@ class Judge:
         if c.extra_tol is not None:
             allow = allow + c.extra_tol
         return atol, rtol, allow
+
+
+def score_direct(c: Candidate, mom: CoMoments, judge: Judge) -> None:
+    """matches_pytorch with PyTorch's own output: exact from pass 1's per-channel maxima.
+
+    |d| <= atol + rtol·|y| + allow_c for every element ⟺ max(|d| - rtol·|y|) <= atol + allow_c.
+    """
+    if mom.torch_diff is None or mom.torch_excess is None:
+        return
+    atol, rtol, allow = judge.limits(c)
+    yabs = torch.maximum(mom.ymin.abs(), mom.ymax.abs()).nan_to_num(nan=0.0, posinf=0.0)
+    c.residual = float(mom.torch_diff.max().item()) if mom.torch_diff.numel() else 0.0
+    c.exact_fit = bool((mom.torch_excess <= atol + allow).all().item())
+    lower = (mom.torch_diff / (atol + allow + rtol * yabs).clamp_min(1e-300)).max()
+    c.score = float(lower.item()) if mom.torch_diff.numel() else 0.0
+    if not c.exact_fit:
+        c.score = max(c.score, 1.0 + 1e-9)
 
 
 def _score(
@@ -394,6 +438,9 @@ def screen(cands: Sequence[Candidate], s: Sample, judge: Judge) -> None:
     done = {id(c) for c in plain}
     for c in cands:
         if id(c) in done:
+            continue
+        if c.exact_fit is not None:
+            c.sample_score = c.score
             continue
         atol, rtol, allow = judge.limits(c)
         try:
@@ -438,6 +485,7 @@ def _screen_affine(cands: Sequence[Candidate], s: Sample, judge: Judge) -> None:
 
 def exact(cands: Sequence[Candidate], x: torch.Tensor, y: torch.Tensor, judge: Judge) -> None:
     """Score candidates on every element, chunk by chunk, in float64."""
+    cands = [c for c in cands if c.exact_fit is None]
     if not cands:
         return
     lim = [judge.limits(c) for c in cands]
