@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .diagnose_engine import (
-    Candidate,
-    ChannelAffine,
-    Direct,
-    Judge,
-    Sample,
-    co_moments,
-    exact,
-    score_direct,
-    screen,
-    take_sample,
-)
+from .diagnose_engine import Candidate, Judge, co_moments, exact, score_direct, screen
 from .diagnose_families import families, modifiers
 from .diagnose_fit import fitted, implied
 from .diagnose_forms import Layer, plain
+from .diagnose_predict import ChannelAffine, Direct, Sample, take_sample
 from .errors import UsageError
 from .results import Hypothesis, Tolerance, default_pair
 

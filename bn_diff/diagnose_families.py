@@ -13,15 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .diagnose_engine import (
-    Candidate,
-    ChannelAffine,
-    GroupAffine,
-    Mapped,
-    Sample,
-    SampleAffine,
-)
+from .diagnose_engine import Candidate
 from .diagnose_forms import STATS_WORDS, Layer, formula
+from .diagnose_predict import ChannelAffine, GroupAffine, Mapped, Sample, SampleAffine
 from .recompute import F64, channel_moments, chunks
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .diagnose_engine import Candidate, ChannelAffine, CoMoments, Direct, Predictor
+from .diagnose_engine import Candidate, CoMoments
+from .diagnose_predict import ChannelAffine, Direct, Predictor
 
 STATS_WORDS = {"batch": "batch statistics", "running": "running statistics"}
 FIX_INFERENCE = (

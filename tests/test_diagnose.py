@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from bn_diff import diagnose_engine
 from bn_diff.diagnose import HYPOTHESIS_IDS, diagnose
-from bn_diff.diagnose_engine import co_moments, take_sample
+from bn_diff.diagnose_engine import co_moments
+from bn_diff.diagnose_predict import take_sample
 from bn_diff.recompute import chunks as real_chunks
 from bn_diff.results import Hypothesis, Tolerance
 
