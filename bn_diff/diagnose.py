@@ -130,18 +130,17 @@ def diagnose(
     found = select(first)
     if found:
         return found
-    # not affine: families with other statistics or an activation, judged as strictly...
+    # not affine: an activation after BN, or other statistics -- at the same strict tolerance
     bases = [c for c in first if c.tier <= 1]
     widened = modifiers(bases, sample, layer)
-    second = [c for c in widened if c.tol_dtype is None and c.extra_tol is None] + families(
-        x, layer
-    )
+    strict = [c for c in widened if c.tol_dtype is None and c.extra_tol is None]
+    second = strict + families(x, layer)
     _evaluate(second, sample, x, y_ref, judge)
     found = select(second)
     if found:
         return found
-    # ...then with a widened tolerance: a quantization lattice (positive evidence) before float16
-    third = [c for c in widened if c.tol_dtype is not None or c.extra_tol is not None]
+    # only then a widened tolerance: a quantization lattice (positive evidence) before float16
+    third = [c for c in widened if c not in strict]
     _evaluate(third, sample, x, y_ref, judge)
     quantized = [c for c in third if c.id == "quantized" and c.fits]
     found = select(quantized or third)
@@ -241,17 +240,19 @@ def _unexplained(
     y: torch.Tensor,
     judge: Judge,
 ) -> Hypothesis:
-    scored = [c for c in cands if c.score < float("inf")]
-    rest = sorted((c for c in cands if c.score == float("inf")), key=lambda c: c.sample_score)
-    exact(rest[:CLOSEST], x, y, judge)
-    pool = [c for c in scored + rest[:CLOSEST] if c.score < float("inf")]
-    closest = min(pool, key=lambda c: c.score) if pool else None
     a, b, _ = layer.mom.affine_fit()
     const = ~torch.isfinite(a)
     a = torch.where(const, torch.zeros_like(a), a)
     b = torch.where(const, layer.mom.my, b)
     fit = Candidate("affine", ChannelAffine(a, b, layer.beta), "")
     exact([fit], x, y, judge)
+    scored = [c for c in cands if c.score < float("inf")]
+    rest = sorted((c for c in cands if c.score == float("inf")), key=lambda c: c.sample_score)
+    exact(rest[:CLOSEST], x, y, judge)
+    pool = [c for c in scored + rest[:CLOSEST] if c.score < float("inf")]
+    if fit.fits:  # an affine reference: name the closest affine (catalogued) hypothesis
+        pool = [c for c in pool if c.tier <= 2] or pool
+    closest = min(pool, key=lambda c: c.score) if pool else None
     params = {"affine_fit_residual": fit.residual}
     text = "None of the catalogued mistakes reproduces the reference within tolerance"
     residual = float("nan")

@@ -95,6 +95,18 @@ def test_random_noise_is_unexplained(case) -> None:  # type: ignore[no-untyped-d
     assert h.params["affine_fit_residual"] > 0.1
 
 
+def test_affine_but_uncatalogued_is_unexplained_with_implied_statistics() -> None:
+    case = CASES[5]
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(case.c, generator=g, dtype=torch.float64)
+    var = torch.rand(case.c, generator=g, dtype=torch.float64) + 0.2
+    hyps = run(case, E(case, mean, var).float())
+    assert [h.hypothesis for h in hyps] == ["unexplained"]
+    assert "still affine in x per channel" in hyps[0].explanation
+    assert "implied means differ" in hyps[0].explanation
+    assert hyps[0].params["affine_fit_residual"] < 1e-5
+
+
 # --- more variants of the same mistakes ----------------------------------------------------------
 @pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=lambda c: c.name)
 def test_fitted_parameters_are_recovered(case) -> None:  # type: ignore[no-untyped-def]
