@@ -16,7 +16,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from .errors import BnDiffError, ExitCode
+from .errors import BnDiffError, ExitCode, UsageError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all agree · 1 mismatch or failed check · 2 usage error · "
@@ -49,6 +49,12 @@ class FailOn(str, Enum):
 class Channels(str, Enum):
     auto = "auto"
     all = "all"
+
+
+class RefLayout(str, Enum):
+    auto = "auto"
+    nchw = "nchw"
+    nhwc = "nhwc"
 
 
 _state: dict[str, bool] = {"traceback": False}
@@ -108,6 +114,14 @@ def run(
     = None,
     html: Annotated[Path | None, typer.Option("--html", metavar="PATH", dir_okay=False,
                     help="Also write a self-contained HTML report (plots per layer).")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", metavar="FILE",
+                         help="Outputs of your own implementation, keyed by layer name (.npz, .pt "
+                         "dict, or a directory of .npy): diagnose why they differ.")] = None,
+    reference_layer: Annotated[str | None, typer.Option("--reference-layer", metavar="NAME",
+                               help="The layer a single-tensor --reference belongs to.")] = None,
+    reference_layout: Annotated[RefLayout, typer.Option("--reference-layout",
+                                help="Layout of the reference tensors (auto tries both).")]
+    = RefLayout.auto,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:
@@ -116,9 +130,19 @@ def run(
     from .pipeline import run_files
     from .render.console import make_console, progress_bar, render_run
 
+    runner: Any = run_files
+    if reference is not None:
+        from functools import partial
+
+        from .diagnose_ext import run_files_with_reference
+
+        runner = partial(run_files_with_reference, reference=reference,
+                         reference_layer=reference_layer, reference_layout=reference_layout.value)
     try:
+        if reference is None and reference_layer is not None:
+            raise UsageError("--reference-layer needs --reference FILE")
         with progress_bar(enabled=json_out != "-") as progress:
-            report = run_files(
+            report = runner(
                 model,
                 input,
                 input_shape=input_shape,

@@ -307,6 +307,8 @@ class RunReport:
     device: str = "cpu"
     fail_on: Severity | None = None
     """Findings of this severity or worse fail the run (None: findings never fail it)."""
+    reference_ok: bool | None = None
+    """With --reference: whether every referenced layer matches PyTorch (None: no reference)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -321,7 +323,11 @@ class RunReport:
         return tuple(f for f in self.all_findings if SEVERITY_RANK[f.severity] >= floor)
 
     def __bool__(self) -> bool:
-        return all(bool(lr) for lr in self.layers) and not self.failing_findings
+        return (
+            all(bool(lr) for lr in self.layers)
+            and not self.failing_findings
+            and self.reference_ok is not False
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The dict of schema `bn-diff/run/v1`."""

@@ -20,6 +20,7 @@ from rich.text import Text
 from rich.theme import Theme
 
 from ..results import SEVERITY_RANK, ChannelStats, Finding, LayerResult, RunReport
+from .diagnosis import reference_headline, render_diagnoses
 
 THEME = Theme(
     {
@@ -285,6 +286,7 @@ def render_run(
                 style="bn.dim",
             )
         )
+    reference_headline(report, console)
     if report.layers:
         console.print()
         console.print(summary_table(report))
@@ -292,6 +294,7 @@ def render_run(
     for lr in shown:
         console.print()
         layer_detail(console, lr, all_channels)
+    render_diagnoses(report, console)
     findings = sorted(report.all_findings, key=lambda f: -SEVERITY_RANK[f.severity])
     if findings:
         console.print()
@@ -327,6 +330,9 @@ def verdict(report: RunReport) -> Text:
     failing = report.failing_findings
     if failing:
         t.append(f"\n✘ {len(failing)} finding(s) at or above --fail-on {report.fail_on}.", style="bn.mismatch")
+    if report.reference_ok is False:
+        first = report.extra.get("reference", {}).get("first_divergent")
+        t.append(f"\n✘ the reference diverges from PyTorch (first at {first}).", style="bn.mismatch")
     return t
 
 
