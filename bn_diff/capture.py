@@ -278,7 +278,11 @@ class Capture:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
                 return
-            self.on_bn(self._module_call(label, m, x, out, before))
+            call = self._module_call(label, m, x, out, before)
+            # The checker's own torch ops must not go through the TorchFunctionMode that watches
+            # the model for F.batch_norm: a Python round trip per op would cost more than the check.
+            with torch._C.DisableTorchFunction():
+                self.on_bn(call)
 
         return hook
 
