@@ -4,6 +4,10 @@ Public API (mirrors the CLI):
     report = bn_diff.run(model, inputs, mode="as-is", atol=None, rtol=None)
     bool(report)        # every BN layer agrees with its float64 recompute
     report.to_json()    # schema "bn-diff/run/v1"
+    bn_diff.explain(model, inputs, layer="bn")          # one element's arithmetic
+    bn_diff.check(exported, inputs, against=model)      # an exported model vs eager
+
+Submodules are named so that none shadows these functions (explain_arith, check_export).
     report = bn_diff.check("model.onnx", inputs, against=model)   # exported model vs eager
     report.assert_ok()  # for pytest: AssertionError naming every failing layer
 
@@ -20,6 +24,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": "pipeline",
     "run_files": "pipeline",
+    "explain": "pipeline_explain",
+    "explain_files": "pipeline_explain",
+    "Explanation": "explain_results",
     "check": "check_export",
     "check_files": "check_export",
     "CheckReport": "check_report",

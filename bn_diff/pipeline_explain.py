@@ -19,7 +19,7 @@ from torch import nn
 from . import load as load_mod
 from .capture import BnCall, is_bn_like, named_modules
 from .errors import UsageError
-from .explain import axis_names, explain_call
+from .explain_arith import axis_names, explain_call
 from .explain_results import Explanation
 from .pipeline import load_inputs, run
 from .results import LayerResult
