@@ -14,11 +14,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+DEMO_CNN := examples/out/small_cnn.safetensors examples/out/cnn_input.npy --arch models:small_cnn --pythonpath examples
+
+# The demo's bn-diff commands exit 1 on purpose where they show a failure; `-` keeps make going.
 demo: install
 	$(PY) examples/make_examples.py examples/out
-	-$(BN) run examples/out/forum_model.pt examples/out/forum_input.pt --trust
-	$(BN) run examples/out/small_cnn.safetensors examples/out/cnn_input.npy \
-		--arch models:small_cnn --pythonpath examples
+	$(BN) run examples/out/forum_model.pt examples/out/forum_input.pt --trust --layer bn
+	$(BN) explain --layer bn --trust
+	$(BN) run $(DEMO_CNN)
+	-$(BN) run $(DEMO_CNN) --reference examples/out/theirs.npz
+	$(PY) examples/ci/export_model.py examples/out/ci
+	$(BN) check examples/out/ci/model.onnx --against examples/out/ci/model.pt \
+		--arch models:resnet_tiny --pythonpath examples --input examples/out/ci/input.pt
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

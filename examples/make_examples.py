@@ -6,6 +6,8 @@
     weight [0.8352, 0.2056], bias [0, 0], left in train mode; a pickled nn.Module (needs --trust).
 (b) small_cnn.safetensors + cnn_input.npy — a small CNN whose running statistics were calibrated
     on synthetic data, saved as a state_dict; its factory is `models:small_cnn` (eval mode).
+(c) theirs.npz — what a port of that CNN with Keras' eps computes (make_reference.py), for
+    `bn-diff run ... --reference`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main(out: Path) -> None:
     torch.save(cnn.state_dict(), out / "small_cnn.pt")
     x = np.random.default_rng(2).normal(0.2, 1.5, size=(4, 3, 32, 32)).astype(np.float32)
     np.save(out / "cnn_input.npy", x)
+    import make_reference
+
+    make_reference.main(out)
     print(f"wrote examples to {out}/")
 
 

@@ -24,9 +24,17 @@ def _console_blocks() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def demo_files() -> None:
+    """What `make demo` writes: the examples, and the ONNX export of examples/ci."""
     import make_examples
 
     make_examples.main(ROOT / "examples" / "out")
+    if any(cmd.startswith("bn-diff check ") for cmd, _ in _console_blocks()):
+        import runpy
+
+        ci = ROOT / "examples" / "out" / "ci"
+        if not (ci / "model.onnx").exists():
+            mod = runpy.run_path(str(ROOT / "examples" / "ci" / "export_model.py"))
+            mod["main"](ci)
 
 
 def _real_output(command: str) -> str:
@@ -42,7 +50,7 @@ def test_readme_console_block(demo_files: None, command: str, expected: str) -> 
     if os.environ.get("BN_DIFF_UPDATE_SNAPSHOTS"):
         path = ROOT / "README.md"
         text = path.read_text(encoding="utf-8")
-        old = f"```console\n$ {command}\n{expected}\n```"
+        old = f"```console\n$ {command}\n{expected}\n```" if expected else f"```console\n$ {command}\n```"
         assert old in text
         path.write_text(text.replace(old, f"```console\n$ {command}\n{got}\n```"), encoding="utf-8")
         return
