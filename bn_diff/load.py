@@ -8,10 +8,11 @@ has been checked against the file size, safetensors through its own parser.
 from __future__ import annotations
 
 import importlib
-import os
+import math
 import pickle
+import re
 import sys
-import zipfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,18 @@ import torch
 from torch import nn
 
 from .errors import InputError, UsageError
+from .loadsafe import (
+    MAX_INPUT_BYTES,
+    check_regular_file,
+    display,
+    is_zip,
+    memory_budget,
+    open_archive,
+    pickle_globals,
+    reason,
+)
 
-MAX_INPUT_BYTES = 16 << 30
-"""Refuse inputs whose header claims more than this (a hostile header should not allocate)."""
+__all__ = ["MAX_INPUT_BYTES", "Inputs", "load_model", "load_inputs", "load_state_dict"]
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -51,51 +61,46 @@ class Inputs:
 
 # --- files --------------------------------------------------------------------------------------
 def _check_file(path: Path, what: str) -> None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist", "check the path") from None
-    except OSError as e:
-        raise InputError(f"{what} {path} cannot be read: {e.strerror}", "check the path") from None
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a directory, not a file", "pass the file inside it")
-    if st.st_size == 0:
-        raise InputError(f"{what} {path} is empty", "re-save it; the file has no bytes")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{what} {path} is not readable (permission denied)", "check its mode")
+    check_regular_file(path, what)
+    if is_zip(path):  # .pt archives and .npz: refuse zip bombs before a parser inflates them
+        open_archive(path, what).close()
+
+
+def _not_readable(path: Path, what: str, err: BaseException) -> InputError:
+    return InputError(
+        f"{what} {display(path)} is not a readable PyTorch file ({reason(err)})",
+        "it may be truncated or corrupted; re-save it with torch.save",
+    )
 
 
 def _torch_load_safe(path: Path, what: str) -> Any:
     """`torch.load(weights_only=True)` with one-line errors."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # errors are one line: torch's warnings would add more
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unsafe(path, what, e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"{what} {path} is not a readable PyTorch file ({first[:160]})",
-            "it may be truncated or corrupted; re-save it with torch.save",
-        ) from None
+    except Exception as e:  # a damaged file makes torch's parsers raise almost any type
+        raise _not_readable(path, what, e) from None
 
 
 def _unsafe(path: Path, what: str, err: Exception) -> InputError:
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:
-        names = []
+    names = pickle_globals(path)
+    if not names:  # the scan found nothing (damaged archive): torch's own refusal may name it
+        m = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        names = [m.group(1)] if m else []
     if names:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         return InputError(
-            f"{what} {path} is a pickle that needs classes {shown}; unpickling can run code, "
-            "so bn-diff refuses it",
-            "pass --trust if you trust this file, or save a state_dict and pass --arch "
+            f"{what} {display(path)} is a pickle that needs {shown}; unpickling it could run "
+            "code, so bn-diff refuses it",
+            "pass --trust only if you trust this file, or save a state_dict and pass --arch "
             "package.module:factory",
         )
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return InputError(
-        f"{what} {path} cannot be loaded safely ({first[:160]})",
-        "pass --trust if you trust this file, or re-save it as tensors / a state_dict",
+        f"{what} {display(path)} cannot be loaded safely ({reason(err)})",
+        "it may be damaged, or not a torch.save file; re-save it as tensors or a state_dict",
     )
 
 
@@ -136,18 +141,23 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise InputError(
-                f"{path} is a safetensors file but the safetensors package is not installed",
+                f"{display(path)} is a safetensors file but the safetensors package is not "
+                "installed",
                 "pip install 'bn-diff[safetensors]'",
             ) from None
         try:
             return dict(load_file(str(path)))
-        except Exception as e:
-            raise InputError(f"model {path} is not a readable safetensors file ({e})", None) from None
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+            raise InputError(
+                f"model {display(path)} is not a readable safetensors file ({reason(e)})",
+                "it may be truncated or corrupted; re-save it",
+            ) from None
     obj = _torch_load_safe(path, "model")
     sd = _as_state_dict(obj)
     if sd is None:
         raise InputError(
-            f"model {path} holds a {type(obj).__name__}, not a state_dict", "save model.state_dict()"
+            f"model {display(path)} holds a {type(obj).__name__}, not a state_dict",
+            "save model.state_dict()",
         )
     return sd
 
@@ -185,7 +195,7 @@ def load_model(
     _check_file(path, "model")
     if path.suffix == ".safetensors":
         raise UsageError(
-            f"{path} holds weights only; bn-diff needs the architecture too",
+            f"{display(path)} holds weights only; bn-diff needs the architecture too",
             "pass --arch package.module:factory",
         )
     _extend_path(pythonpath)
@@ -196,24 +206,35 @@ def load_model(
             raise UsageError(f"--import {mod} failed ({e})", "add its folder with --pythonpath") from None
     if trust:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=False)
         except (AttributeError, ModuleNotFoundError) as e:
             raise InputError(
-                f"model {path} needs code that cannot be found ({e})",
+                f"model {display(path)} needs code that cannot be found ({reason(e)})",
                 "pass --import MODULE and/or --pythonpath DIR so its classes can be imported",
             ) from None
-        except Exception as e:
-            raise InputError(f"model {path} is not a readable PyTorch file ({e})", None) from None
+        except Exception as e:  # --trust: the file's own code may raise anything
+            raise _not_readable(path, "model", e) from None
     else:
         obj = _torch_load_safe(path, "model")
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise InputError(
+            f"model {display(path)} is a TorchScript module; bn-diff hooks eager modules, and "
+            "TorchScript does not run Python hooks",
+            "save the eager model (torch.save(model)) or its state_dict and pass --arch",
+        )
     if isinstance(obj, nn.Module):
         return obj
     if _as_state_dict(obj) is not None:
         raise UsageError(
-            f"{path} is a state_dict, not a model",
+            f"{display(path)} is a state_dict, not a model",
             "pass --arch package.module:factory to build the model it belongs to",
         )
-    raise InputError(f"model {path} holds a {type(obj).__name__}, not an nn.Module", None)
+    raise InputError(
+        f"model {display(path)} holds a {type(obj).__name__}, not an nn.Module",
+        "save the model with torch.save(model, path), or its state_dict with --arch",
+    )
 
 
 def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
@@ -229,18 +250,24 @@ def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> N
                 "unexpected " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
             )
         raise InputError(
-            f"state_dict {path} does not fit the --arch model: " + "; ".join(parts),
+            f"state_dict {display(path)} does not fit the --arch model: " + "; ".join(parts),
             "check that --arch builds the architecture these weights were saved from",
         )
     bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
     if bad:
         k = bad[0]
         raise InputError(
-            f"state_dict {path}: {k} has shape {tuple(sd[k].shape)}, the model expects "
+            f"state_dict {display(path)}: {k} has shape {tuple(sd[k].shape)}, the model expects "
             f"{tuple(own[k].shape)}",
             "check --arch",
         )
-    model.load_state_dict(sd, strict=True)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:  # e.g. a dtype that cannot be copied
+        raise InputError(
+            f"state_dict {display(path)} does not load into the --arch model ({reason(e)})",
+            "check --arch and the file",
+        ) from None
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -267,100 +294,139 @@ def load_inputs(path: Path) -> Inputs:
     _check_file(path, "input")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return Inputs((_npy(path),), {}, str(path))
-    if suffix == ".npz":
-        return Inputs(tuple(_npz(path).values()), {}, str(path))
-    obj = _torch_load_safe(path, "input")
-    return _as_inputs(obj, path)
+        inp = Inputs((_npy(path),), {}, display(path))
+    elif suffix == ".npz":
+        inp = Inputs(tuple(_npz(path).values()), {}, display(path))
+    else:
+        inp = _as_inputs(_torch_load_safe(path, "input"), path)
+    _check_logical_size(inp, path)
+    return inp
 
 
 def _as_inputs(obj: Any, path: Path) -> Inputs:
     if isinstance(obj, torch.Tensor):
-        return Inputs((obj,), {}, str(path))
+        return Inputs((obj,), {}, display(path))
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
-        return Inputs(tuple(obj), {}, str(path))
+        return Inputs(tuple(obj), {}, display(path))
     if isinstance(obj, Mapping) and obj and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        return Inputs((), dict(obj), str(path))
+        return Inputs((), dict(obj), display(path))
     raise InputError(
-        f"input {path} holds a {type(obj).__name__}, not a tensor or a tuple/list/dict of tensors",
+        f"input {display(path)} holds a {type(obj).__name__}, not a tensor or a tuple/list/dict "
+        "of tensors",
         "save the input with torch.save(tensor, path)",
     )
 
 
-def _npy_header(f: Any, path: Path) -> tuple[tuple[int, ...], np.dtype[Any]]:
+def _check_logical_size(inp: Inputs, path: Path) -> None:
+    """A saved view with zero strides can claim far more elements than its storage holds; the
+    model's forward would then allocate for the claim. Refuse claims beyond the memory budget."""
+    budget = memory_budget()
+    for t in inp.tensors():
+        nbytes = math.prod(t.shape) * t.element_size()
+        if nbytes > budget:
+            raise InputError(
+                f"input {display(path)} holds a tensor of shape {tuple(t.shape)} ({nbytes} bytes), "
+                f"more than the {budget} bytes bn-diff allows",
+                "use a smaller batch",
+            )
+
+
+def _npy_header(f: Any, shown: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype from a .npy header; `shown` names the file (and member) in errors."""
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
         else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except (ValueError, OSError, SyntaxError, EOFError) as e:
-        raise InputError(f"input {path} is not a valid .npy file ({e})", None) from None
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TypeError...
+        raise _bad_npy(shown, e) from None
     if dtype.hasobject:
         raise InputError(
-            f"input {path} holds Python objects; loading them would unpickle",
+            f"input {shown} holds Python objects; loading them would unpickle, so bn-diff "
+            "refuses it",
             "save a numeric array",
         )
+    if not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise InputError(f"input {shown}: header claims shape {shape}", "re-save it")
     return tuple(shape), dtype
 
 
-def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], avail: int, path: Path) -> None:
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if nbytes > MAX_INPUT_BYTES or nbytes > avail:
+def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], avail: int, shown: str) -> None:
+    """Refuse a header whose claim the bytes after it cannot hold, before anything is allocated."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    budget = memory_budget()
+    if nbytes > budget:
         raise InputError(
-            f"input {path}: header claims {shape} {dtype} ({nbytes} bytes) but the file holds "
-            f"{avail} bytes",
+            f"input {shown}: header claims {shape} {dtype} ({nbytes} bytes), more than the "
+            f"{budget} bytes bn-diff allows",
+            "the file is forged, or too large for this machine",
+        )
+    if nbytes > avail:
+        raise InputError(
+            f"input {shown}: header claims {shape} {dtype} ({nbytes} bytes) but the file "
+            f"holds {avail} bytes",
             "the file is truncated or forged; re-save it",
         )
 
 
 def _npy(path: Path) -> torch.Tensor:
+    shown = display(path)
     with open(path, "rb") as f:
-        shape, dtype = _npy_header(f, path)
-        _check_size(shape, dtype, path.stat().st_size - f.tell(), path)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"input {path} is not a valid .npy file ({e})", None) from None
+        shape, dtype = _npy_header(f, shown)
+        _check_size(shape, dtype, path.stat().st_size - f.tell(), shown)
+        f.seek(0)  # read_array parses the header itself
+        try:
+            arr = np.lib.format.read_array(f, allow_pickle=False)
+        except Exception as e:  # what numpy raises on a damaged body
+            raise _bad_npy(shown, e) from None
     return _to_tensor(arr, path)
 
 
+def _bad_npy(shown: str, err: BaseException) -> InputError:
+    return InputError(
+        f"input {shown} is not a valid .npy file ({reason(err)})",
+        "it may be truncated or corrupted; re-save it with np.save",
+    )
+
+
 def _npz(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise InputError(f"input {path} is not a valid .npz file ({e})", None) from None
+    """Each `.npy` member, header checked against the member's size before it is read."""
     out: dict[str, torch.Tensor] = {}
-    with zf:
+    with open_archive(path, "input") as zf:  # refuses zip bombs from the central directory
         infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
         if not infos:
-            raise InputError(f"input {path} holds no arrays", None)
+            raise InputError(f"input {display(path)} holds no arrays", "save it with np.savez")
         for info in infos:
-            if info.file_size > MAX_INPUT_BYTES:
-                raise InputError(f"input {path}: member {info.filename} is too large", None)
-            if info.compress_size and info.file_size / info.compress_size > 1000:
-                raise InputError(
-                    f"input {path}: member {info.filename} expands {info.file_size // info.compress_size}x; "
-                    "refusing a likely zip bomb",
-                    None,
-                )
+            shown = f"{display(path)} (member {info.filename})"
             try:
                 with zf.open(info) as f:
-                    shape, dtype = _npy_header(f, path)
-                    _check_size(shape, dtype, info.file_size - f.tell(), path)
+                    shape, dtype = _npy_header(f, shown)
+                    _check_size(shape, dtype, info.file_size - f.tell(), shown)
+                with zf.open(info) as f:  # read_array parses the header itself
                     arr = np.lib.format.read_array(f, allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise InputError(f"input {path}: member {info.filename} is unreadable ({e})", None) from None
+            except InputError:
+                raise
+            except Exception as e:  # zipfile and numpy on damaged bytes: BadZipFile, CRC, EOF...
+                raise InputError(
+                    f"input {shown} is unreadable ({reason(e)})",
+                    "the archive is truncated or corrupted; re-save it",
+                ) from None
             out[info.filename[: -len(".npy")]] = _to_tensor(arr, path)
     return out
 
 
 def _to_tensor(arr: np.ndarray[Any, Any], path: Path) -> torch.Tensor:
-    if arr.dtype.kind not in "fiub" and arr.dtype != np.float16:
-        raise InputError(f"input {path} has dtype {arr.dtype}, not a number type", None)
+    if arr.dtype.kind not in "fiub":
+        raise InputError(
+            f"input {display(path)} has dtype {arr.dtype}, not a number type torch reads",
+            "save a float, int or bool array",
+        )
+    if not arr.dtype.isnative:  # big-endian files: torch only takes native byte order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     try:
         return torch.from_numpy(np.ascontiguousarray(arr))
-    except TypeError as e:
-        raise InputError(f"input {path}: {e}", None) from None
+    except (TypeError, ValueError) as e:  # a dtype torch lacks
+        raise InputError(f"input {display(path)}: {reason(e)}", "save a float32 array") from None

@@ -75,7 +75,9 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     allow = rounding_allowance(tol, y.dtype, mom, mean, var, gamma, beta, call.eps)
     cmp = compare(x, y, mean, var, gamma, beta, call.eps, atol, rtol, allow)
     gaps = _train_eval_gap(call, mom, gamma, beta, rm, rv)
-    update = _check_running_update(call, mom) if call.updates_running_stats else None
+    update = None
+    if call.updates_running_stats:
+        update = _check_running_update(call, mom) if mom.count else _empty_update(call)
     info = LayerInfo(
         name=call.name,
         type=call.type,
@@ -121,6 +123,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         for i in range(c)
     )
     return LayerResult(
+        findings=_empty_batch(call) if mom.count == 0 else (),
         info=info,
         channels=channels,
         numel=cmp.numel,
@@ -284,16 +287,23 @@ def run(
         if progress is not None:
             progress(len(results), len(names), call.name)
 
+    _refuse_unsupported(model)
+    cap = Capture(model, on_bn, mode=mode)
+    failure: Exception | None = None
     try:
-        with torch.no_grad(), Capture(model, on_bn, mode=mode):
-            model(*inp.args, **inp.kwargs)
+        with torch.no_grad(), cap:
+            try:
+                model(*inp.args, **inp.kwargs)
+            except (_HookFailure, BnDiffError):
+                raise
+            except Exception as e:  # what the model's own forward raises is about the model
+                failure = e
     except _HookFailure as e:
         assert e.__cause__ is not None
         raise e.__cause__ from None
-    except BnDiffError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise _model_error(model, inp, e, mode) from None
+    if failure is not None:
+        raise _model_error(model, inp, failure, mode) from None
+    findings.extend(_capture_findings(cap))
 
     if not names and not results:
         findings.append(
@@ -424,3 +434,82 @@ def describe_layers(model: nn.Module) -> list[dict[str, Any]]:
             continue
         rows.append({"name": name, "type": type(m).__name__, "kind": kind, "config": cfg})
     return rows
+
+
+# --- odd models (hardening) -------------------------------------------------------------------
+def _empty_batch(call: BnCall) -> tuple[Finding, ...]:
+    return (
+        Finding(
+            "empty_batch",
+            "info",
+            f"{call.name} got an empty batch (input shape {tuple(call.x.shape)}): no values to "
+            "compare",
+            layer=call.name,
+        ),
+    )
+
+
+def _empty_update(call: BnCall) -> RunningUpdate | None:
+    """PyTorch leaves running statistics alone on an empty batch (it still counts the batch)."""
+    rm0, rv0 = call.running_mean_before, call.running_var_before
+    rm1, rv1 = call.running_mean_after, call.running_var_after
+    if rm0 is None or rv0 is None or rm1 is None or rv1 is None:
+        return None
+    dm = (rm1.double() - rm0.double()).abs()
+    dv = (rv1.double() - rv0.double()).abs()
+    n0, n1 = call.num_batches_tracked_before, call.num_batches_tracked_after
+    nbt_ok = n0 is None or n1 is None or n1 == n0 + 1
+    k = call.momentum if call.momentum is not None else 1.0 / max(n1 or 1, 1)
+    largest_m = float(dm.max().item()) if dm.numel() else 0.0
+    largest_v = float(dv.max().item()) if dv.numel() else 0.0
+    return RunningUpdate(
+        momentum_used=k,
+        max_abs_diff_mean=largest_m,
+        max_abs_diff_var=largest_v,
+        num_batches_tracked_ok=nbt_ok,
+        ok=largest_m == 0.0 and largest_v == 0.0 and nbt_ok,
+        largest_mean_change=largest_m,
+        largest_var_change=largest_v,
+    )
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    """TorchScript runs no Python hooks; a Lazy module's first forward would create parameters."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            "the model is a TorchScript module; bn-diff hooks eager modules, and TorchScript "
+            "does not run Python hooks",
+            "pass the eager model it was scripted from",
+        )
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    lazy += [n for n, b in model.named_buffers() if isinstance(b, nn.parameter.UninitializedBuffer)]
+    if lazy:
+        raise ModelError(
+            f"the model has uninitialized lazy parameters ({', '.join(lazy[:3])}); checking it "
+            "would create them and change the model",
+            "run one forward on a real batch first (or load its weights), then bn-diff",
+        )
+
+
+def _capture_findings(cap: Capture) -> list[Finding]:
+    out: list[Finding] = []
+    if cap.compiled:
+        out.append(
+            Finding(
+                "compiled_module",
+                "info",
+                f"{', '.join(cap.compiled)} is torch.compile'd: bn-diff ran it eagerly (the "
+                "original module) to hook its layers; compiled kernels may round differently",
+            )
+        )
+    if cap.unrestored:
+        out.append(
+            Finding(
+                "model_changed",
+                "warning",
+                f"the model's forward changed {', '.join(cap.unrestored[:3])} in place in a way "
+                "bn-diff could not undo",
+                "keep the forward free of in-place writes to parameters",
+            )
+        )
+    return out

@@ -301,7 +301,7 @@ def render_error(console: Console, message: str, hint: str | None) -> None:
     t.append(message)
     if hint:
         t.append(f" — {hint}", style="bn.hint")
-    console.print(t)
+    console.print(t, soft_wrap=True)  # one line, however long: scripts grep it
 
 
 @contextmanager
