@@ -2,9 +2,10 @@
 
 - `ParamGuard`: a forward that writes a parameter in place (weight clipping, re-normalisation)
   would leave the model changed. Copying every parameter up front costs as much as the model, so
-  the guard notes version counters only, and copies a parameter just before a call writes into it
-  (the capture's TorchFunctionMode sees every such call). `restore` puts the copies back and names
-  any parameter that changed without passing through a guarded call (e.g. a C++ extension).
+  the guard notes version counters only, and copies a parameter just before an in-place call
+  touches it (the capture's TorchFunctionMode sees such calls). `restore` puts the copies back and
+  names any parameter whose version changed without a copy (e.g. `torch.ops.aten.add_`, which
+  bypasses the mode). A write through a numpy view changes no version: that one goes unseen.
 - `is_compiled`: `torch.compile`d modules, which must run eagerly while hooks are in place.
 """
 
@@ -51,7 +52,9 @@ class ParamGuard:
         """Called before every torch function of the forward: copy a parameter it will write."""
         if not writes_in_place(func, kwargs):
             return
-        for target in (args[0] if args else None, kwargs.get("out")):
+        # which argument is written differs (`t.add_(x)`, `init.normal_(tensor=t)`, `out=t`):
+        # copy every parameter the call touches, once per capture
+        for target in (*args, *kwargs.values()):
             for t in target if isinstance(target, (list, tuple)) else (target,):
                 if not isinstance(t, torch.Tensor) or t.numel() == 0:
                     continue

@@ -374,7 +374,11 @@ def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], avail: int, shown:
 
 def _npy(path: Path) -> torch.Tensor:
     shown = display(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:  # e.g. permission lost since the check
+        raise InputError(f"input {shown} cannot be read: {e.strerror}", "check its mode") from None
+    with f:
         shape, dtype = _npy_header(f, shown)
         _check_size(shape, dtype, path.stat().st_size - f.tell(), shown)
         f.seek(0)  # read_array parses the header itself

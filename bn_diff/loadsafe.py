@@ -33,6 +33,7 @@ MAX_RATIO = 1000
 MAX_PICKLE_SCAN = 64 << 20
 """Disassemble at most this many bytes of a pickle to name its classes."""
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){1,12}")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _WEIGHTS_ONLY = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\s+Check the documentation|$)", re.S)
 
@@ -225,4 +226,5 @@ def pickle_globals(path: Path) -> list[str]:
         allowed = set(_get_allowed_globals())
     except Exception:  # a private torch API: without it, name everything found
         allowed = set()
-    return list(dict.fromkeys(n for n in found if n not in allowed))
+    # a damaged pickle can hold any bytes where a name should be: keep only importable spellings
+    return list(dict.fromkeys(n for n in found if n not in allowed and _NAME.fullmatch(n)))

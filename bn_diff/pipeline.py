@@ -374,7 +374,7 @@ def run_files(
             raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
         model = model.to(device)
         inp = inp.to(device)
-    return run(model, inp, model_name=str(model_path), input_name=inp.source, **kwargs)
+    return run(model, inp, model_name=load_mod.display(model_path), input_name=inp.source, **kwargs)
 
 
 def load_inputs(input_path: Path | None, input_shape: str | None, seed: int) -> load_mod.Inputs:
