@@ -198,13 +198,12 @@ def main(argv: list[str] | None = None) -> Any:
             _fail(e)
         except typer.Exit as x:
             return _exit(x.exit_code)
-    except Exception as e:  # click usage errors, then genuine bugs
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:  # the command-line parser's usage errors, then genuine bugs
+        if type(e).__name__ == "Abort":
             return _exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
+        show = getattr(e, "show", None)
+        if callable(show) and isinstance(getattr(e, "exit_code", None), int):
+            show()  # a usage error of the parser: it prints "Usage: ... Error: ..."
             return _exit(int(ExitCode.USAGE))
         traceback.print_exc()
         print(

@@ -93,7 +93,7 @@ def _unsafe(path: Path, what: str, err: Exception) -> InputError:
     if names:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         return InputError(
-            f"{what} {display(path)} is a pickle that needs {shown}; unpickling it could run "
+            f"{what} {display(path)} is a pickle that needs {shown}; unpickling it can run "
             "code, so bn-diff refuses it",
             "pass --trust only if you trust this file, or save a state_dict and pass --arch "
             "package.module:factory",

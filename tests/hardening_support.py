@@ -513,3 +513,20 @@ def file_digests(*dirs: Path) -> dict[str, str]:
             if p.is_file() and not p.is_symlink():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+# --- a model that disagrees, for exit code 1 --------------------------------------------------------
+class OffByOneMilliBN(nn.BatchNorm2d):
+    """A BatchNorm2d whose output is shifted by 1e-3: bn-diff must report a mismatch (exit 1)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) + 1e-3
+
+
+def mismatching_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), OffByOneMilliBN(2))
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+MISMATCH_ARCH = ["--arch", "hardening_support:mismatching_net", "--pythonpath", str(TESTS_DIR)]
