@@ -261,10 +261,10 @@ class Capture:
         if self.compiled:  # compiled graphs cannot call Python hooks: run them eagerly
             self._stance = torch.compiler.set_stance("force_eager")
             self._stance.__enter__()
-        if self.functional:
+        if self._guard and not self.functional:  # the parameter guard needs the mode too
             self._mode_ctx = _FunctionalBN(self)
             self._mode_ctx.__enter__()  # type: ignore[no-untyped-call]
-        if self._mode_ctx is None and self._guard:  # the parameter guard needs the mode too
+        if self.functional:
             self._mode_ctx = _FunctionalBN(self)
             self._mode_ctx.__enter__()  # type: ignore[no-untyped-call]
 
