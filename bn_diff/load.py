@@ -86,16 +86,16 @@ def _torch_load_safe(path: Path, what: str) -> Any:
 
 
 def _unsafe(path: Path, what: str, err: Exception) -> InputError:
-    names = pickle_globals(path)
+    names = sorted(pickle_globals(path))  # found by disassembly; nothing is unpickled
     if not names:  # the scan found nothing (damaged archive): torch's own refusal may name it
         m = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
         names = [m.group(1)] if m else []
     if names:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         return InputError(
-            f"{what} {display(path)} is a pickle that needs {shown}; unpickling it can run "
+            f"{what} {display(path)} is a pickle that needs classes {shown}; unpickling can run "
             "code, so bn-diff refuses it",
-            "pass --trust only if you trust this file, or save a state_dict and pass --arch "
+            "pass --trust if you trust this file, or save a state_dict and pass --arch "
             "package.module:factory",
         )
     return InputError(
