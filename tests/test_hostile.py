@@ -69,7 +69,7 @@ def test_payload_refusal_names_the_callable(valid: dict[str, Path], tmp_path: Pa
     o = run_cli("run", str(tmp_path / "evil.pt"), str(valid["tensor.pt"]))
     assert o.code == 3
     assert o.err.count("\n") == 1
-    assert "is a pickle that needs posix.system" in o.err or "needs os.system" in o.err
+    assert "needs classes posix.system" in o.err or "needs classes os.system" in o.err
     assert "--trust" in o.err
     assert not marker.exists()
 
