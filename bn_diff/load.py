@@ -34,8 +34,6 @@ from .loadsafe import (
     reason,
 )
 
-__all__ = ["MAX_INPUT_BYTES", "Inputs", "load_model", "load_inputs", "load_state_dict"]
-
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 

@@ -21,6 +21,7 @@ from . import load as load_mod
 from .capture import BnCall, Capture, is_bn_like, named_modules
 from .compare import close, compare, dtype_name, resolve, rounding_allowance
 from .errors import BnDiffError, ModelError, UsageError
+from .loadsafe import display
 from .recompute import Moments, as_f64, channel_moments, coefficients, running_update
 from .results import (
     ChannelStats,
@@ -374,7 +375,7 @@ def run_files(
             raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
         model = model.to(device)
         inp = inp.to(device)
-    return run(model, inp, model_name=load_mod.display(model_path), input_name=inp.source, **kwargs)
+    return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
 
 
 def load_inputs(input_path: Path | None, input_shape: str | None, seed: int) -> load_mod.Inputs:

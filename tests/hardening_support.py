@@ -99,7 +99,9 @@ def write_valid(d: Path) -> dict[str, Path]:
     torch.save(model.state_dict(), files["state_dict.pt"])
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files["model.safetensors"]))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(files["model.safetensors"])
+    )
     x = input_array()
     torch.save(torch.from_numpy(x), files["tensor.pt"])
     np.save(files["input.npy"], x)
@@ -137,11 +139,17 @@ class WriteMarker:
         return (Path(self.marker).write_text, ("pwned",))
 
 
-def npy_header(shape: tuple[int, ...], descr: str = "<f4", version: tuple[int, int] = (1, 0)) -> bytes:
+def npy_header(
+    shape: tuple[int, ...], descr: str = "<f4", version: tuple[int, int] = (1, 0)
+) -> bytes:
     """A .npy header (magic + dict) claiming `shape`, with no check against what follows."""
     d = {"descr": descr, "fortran_order": False, "shape": shape}
     buf = io.BytesIO()
-    write = np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0
+    write = (
+        np.lib.format.write_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.write_array_header_2_0
+    )
     write(buf, d)
     return buf.getvalue()
 
@@ -230,7 +238,9 @@ def _payload_files(marker: Path) -> dict[str, Callable[[Path], None]]:
     return {
         "torch.save(os.system)": lambda p: torch.save(Payload(f"touch {marker}"), p),
         "torch.save(Path.write_text)": lambda p: torch.save({"w": WriteMarker(marker)}, p),
-        "state_dict+os.system": lambda p: torch.save({**sd, "extra": Payload(f"touch {marker}")}, p),
+        "state_dict+os.system": lambda p: torch.save(
+            {**sd, "extra": Payload(f"touch {marker}")}, p
+        ),
         "legacy-format(os.system)": lambda p: torch.save(
             Payload(f"touch {marker}"), p, _use_new_zipfile_serialization=False
         ),
@@ -395,9 +405,7 @@ def hostile_cases() -> list[Case]:
             _write("huge.npy", lambda: forged_npy((10**15, 10**15))),
             needle="header claims",
         ),
-        Case(
-            "header/npy-negative", _write("neg.npy", lambda: forged_npy((-1, 3))), needle="shape"
-        ),
+        Case("header/npy-negative", _write("neg.npy", lambda: forged_npy((-1, 3))), needle="shape"),
         Case(
             "header/npz-stored-1e12",
             _write("big.npz", lambda: npz_of({"x.npy": forged_npy(big)})),
@@ -498,7 +506,11 @@ def fingerprint(model: nn.Module) -> dict[str, object]:
         "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
         "global": [
             len(getattr(module_mod, g, {}))
-            for g in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+            for g in (
+                "_global_forward_hooks",
+                "_global_forward_pre_hooks",
+                "_global_backward_hooks",
+            )
         ],
     }
 
@@ -515,7 +527,7 @@ def file_digests(*dirs: Path) -> dict[str, str]:
     return out
 
 
-# --- a model that disagrees, for exit code 1 --------------------------------------------------------
+# --- a model that disagrees, for exit code 1 ---------------------------------------------------
 class OffByOneMilliBN(nn.BatchNorm2d):
     """A BatchNorm2d whose output is shifted by 1e-3: bn-diff must report a mismatch (exit 1)."""
 

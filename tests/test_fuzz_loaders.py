@@ -47,7 +47,12 @@ atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 VALID = write_valid(_TMP / "valid")
 VALID_BYTES = {k: p.read_bytes() for k, p in VALID.items()}
 INTERESTING = (0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
-ZIP_MEMBER = {"module.pt": "data.pkl", "state_dict.pt": "data.pkl", "tensor.pt": "data.pkl", "input.npz": "x.npy"}
+ZIP_MEMBER = {
+    "module.pt": "data.pkl",
+    "state_dict.pt": "data.pkl",
+    "tensor.pt": "data.pkl",
+    "input.npz": "x.npy",
+}
 
 position = st.one_of(st.floats(0, 1), st.floats(0, 0.05), st.floats(0.95, 1))
 mutation = st.one_of(
@@ -124,7 +129,9 @@ _count = {"loader": 0, "cli": 0}
     inside=st.booleans(),
     trust=st.booleans(),
 )
-def _fuzz_loaders(kind: str, muts: list[tuple[str, float, object]], inside: bool, trust: bool) -> None:
+def _fuzz_loaders(
+    kind: str, muts: list[tuple[str, float, object]], inside: bool, trust: bool
+) -> None:
     _count["loader"] += 1
     path = make_file(kind, muts, inside, _count["loader"])
     try:

@@ -51,7 +51,9 @@ def test_valid_files_of_every_format_pass(valid: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_file(case, valid: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hostile_file(
+    case, valid: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # payloads with a relative marker would write it here
     argv = case.build(tmp_path, valid)
     o = run_cli(*argv)
@@ -152,14 +154,25 @@ def test_unreadable_file_real_permissions(valid: dict[str, Path], tmp_path: Path
     if os.geteuid() == 0 or not _cannot_read_as_this_user(locked):
         setpriv = shutil.which("setpriv")
         drop = ["--bounding-set=-dac_override,-dac_read_search"]
-        if setpriv is None or subprocess.run(
-            [setpriv, *drop, "cat", str(locked)], capture_output=True
-        ).returncode == 0:
+        if (
+            setpriv is None
+            or subprocess.run([setpriv, *drop, "cat", str(locked)], capture_output=True).returncode
+            == 0
+        ):
             pytest.skip("root reads mode-000 files, and setpriv cannot drop CAP_DAC_OVERRIDE here")
         prefix = [setpriv, *drop]
     env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", COLUMNS="100")
     r = subprocess.run(
-        [*prefix, sys.executable, "-m", "bn_diff", "run", str(valid["state_dict.pt"]), str(locked), *ARCH],
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "bn_diff",
+            "run",
+            str(valid["state_dict.pt"]),
+            str(locked),
+            *ARCH,
+        ],
         capture_output=True,
         env=env,
         timeout=300,
@@ -219,7 +232,15 @@ def test_ascii_terminal_does_not_crash(valid: dict[str, Path]) -> None:
     """An ASCII-only locale (UTF-8 mode off): characters it lacks are escaped, not fatal."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1", LC_ALL="C", PYTHONUTF8="0")
     r = subprocess.run(
-        [sys.executable, "-m", "bn_diff", "run", str(valid["state_dict.pt"]), str(valid["input.npy"]), *ARCH],
+        [
+            sys.executable,
+            "-m",
+            "bn_diff",
+            "run",
+            str(valid["state_dict.pt"]),
+            str(valid["input.npy"]),
+            *ARCH,
+        ],
         capture_output=True,
         env=env,
         timeout=300,

@@ -59,23 +59,165 @@ def _boom(*_a: object, **_k: object) -> None:
 # (id, argv builder, exit code, report.json rewritten?)
 PATHS = [
     ("run/ok", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *ARCH], 0, False),
-    ("run/ok/json", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["input.npz"]), *ARCH, "--json", r], 0, True),
-    ("run/ok/json-stdout", lambda v, r: ["run", str(v["model.safetensors"]), str(v["input.npy"]), *ARCH, "--json", "-"], 0, False),
-    ("run/ok/trusted-module", lambda v, r: ["run", str(v["module.pt"]), str(v["tensor.pt"]), "--trust", "--json", r], 0, True),
-    ("run/ok/mode-eval", lambda v, r: ["run", str(v["module.pt"]), str(v["tensor.pt"]), "--trust", "--mode", "eval", "--json", r], 0, True),
-    ("run/mismatch", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *MISMATCH_ARCH, "--json", r], 1, True),
-    ("run/usage/layer", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *ARCH, "--layer", "nope", "--json", r], 2, False),
-    ("run/usage/atol-alone", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *ARCH, "--atol", "1", "--json", r], 2, False),
-    ("run/usage/state-dict-no-arch", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), "--json", r], 2, False),
-    ("run/usage/json-folder-missing", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *ARCH, "--json", r + ".d/x.json"], 2, False),
-    ("run/bad-input/payload", lambda v, r: ["run", str(Path(r).parent / "payload.pt"), str(v["tensor.pt"]), "--json", r], 3, False),
-    ("run/bad-input/wrong-channels", lambda v, r: ["run", str(v["state_dict.pt"]), str(Path(r).parent / "wrong_channels.pt"), *ARCH, "--json", r], 3, False),
-    ("run/bad-input/truncated", lambda v, r: ["run", str(v["state_dict.pt"]), str(Path(r).parent / "cut.npy"), *ARCH, "--json", r], 3, False),
-    ("run/internal", lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *ARCH, "--json", r], 4, False),
-    ("layers/ok/json", lambda v, r: ["layers", str(v["module.pt"]), "--trust", "--json", r], 0, True),
+    (
+        "run/ok/json",
+        lambda v, r: ["run", str(v["state_dict.pt"]), str(v["input.npz"]), *ARCH, "--json", r],
+        0,
+        True,
+    ),
+    (
+        "run/ok/json-stdout",
+        lambda v, r: [
+            "run",
+            str(v["model.safetensors"]),
+            str(v["input.npy"]),
+            *ARCH,
+            "--json",
+            "-",
+        ],
+        0,
+        False,
+    ),
+    (
+        "run/ok/trusted-module",
+        lambda v, r: ["run", str(v["module.pt"]), str(v["tensor.pt"]), "--trust", "--json", r],
+        0,
+        True,
+    ),
+    (
+        "run/ok/mode-eval",
+        lambda v, r: [
+            "run",
+            str(v["module.pt"]),
+            str(v["tensor.pt"]),
+            "--trust",
+            "--mode",
+            "eval",
+            "--json",
+            r,
+        ],
+        0,
+        True,
+    ),
+    (
+        "run/mismatch",
+        lambda v, r: [
+            "run",
+            str(v["state_dict.pt"]),
+            str(v["tensor.pt"]),
+            *MISMATCH_ARCH,
+            "--json",
+            r,
+        ],
+        1,
+        True,
+    ),
+    (
+        "run/usage/layer",
+        lambda v, r: [
+            "run",
+            str(v["state_dict.pt"]),
+            str(v["tensor.pt"]),
+            *ARCH,
+            "--layer",
+            "nope",
+            "--json",
+            r,
+        ],
+        2,
+        False,
+    ),
+    (
+        "run/usage/atol-alone",
+        lambda v, r: [
+            "run",
+            str(v["state_dict.pt"]),
+            str(v["tensor.pt"]),
+            *ARCH,
+            "--atol",
+            "1",
+            "--json",
+            r,
+        ],
+        2,
+        False,
+    ),
+    (
+        "run/usage/state-dict-no-arch",
+        lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), "--json", r],
+        2,
+        False,
+    ),
+    (
+        "run/usage/json-folder-missing",
+        lambda v, r: [
+            "run",
+            str(v["state_dict.pt"]),
+            str(v["tensor.pt"]),
+            *ARCH,
+            "--json",
+            r + ".d/x.json",
+        ],
+        2,
+        False,
+    ),
+    (
+        "run/bad-input/payload",
+        lambda v, r: ["run", str(Path(r).parent / "payload.pt"), str(v["tensor.pt"]), "--json", r],
+        3,
+        False,
+    ),
+    (
+        "run/bad-input/wrong-channels",
+        lambda v, r: [
+            "run",
+            str(v["state_dict.pt"]),
+            str(Path(r).parent / "wrong_channels.pt"),
+            *ARCH,
+            "--json",
+            r,
+        ],
+        3,
+        False,
+    ),
+    (
+        "run/bad-input/truncated",
+        lambda v, r: [
+            "run",
+            str(v["state_dict.pt"]),
+            str(Path(r).parent / "cut.npy"),
+            *ARCH,
+            "--json",
+            r,
+        ],
+        3,
+        False,
+    ),
+    (
+        "run/internal",
+        lambda v, r: ["run", str(v["state_dict.pt"]), str(v["tensor.pt"]), *ARCH, "--json", r],
+        4,
+        False,
+    ),
+    (
+        "layers/ok/json",
+        lambda v, r: ["layers", str(v["module.pt"]), "--trust", "--json", r],
+        0,
+        True,
+    ),
     ("layers/ok/arch", lambda v, r: ["layers", str(v["model.safetensors"]), *ARCH], 0, False),
-    ("layers/usage/state-dict-no-arch", lambda v, r: ["layers", str(v["state_dict.pt"]), "--json", r], 2, False),
-    ("layers/bad-input/payload", lambda v, r: ["layers", str(Path(r).parent / "payload.pt"), "--json", r], 3, False),
+    (
+        "layers/usage/state-dict-no-arch",
+        lambda v, r: ["layers", str(v["state_dict.pt"]), "--json", r],
+        2,
+        False,
+    ),
+    (
+        "layers/bad-input/payload",
+        lambda v, r: ["layers", str(Path(r).parent / "payload.pt"), "--json", r],
+        3,
+        False,
+    ),
 ]
 
 
@@ -145,15 +287,21 @@ def test_json_write_failure_keeps_old_report_and_leaves_no_temp(
                 self.f.flush()
                 enospc()
 
-        monkeypatch.setattr(jsonout.os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k)))
-    o = run_cli("run", str(files["state_dict.pt"]), str(files["tensor.pt"]), *ARCH, "--json", str(report))
+        monkeypatch.setattr(
+            jsonout.os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k))
+        )
+    o = run_cli(
+        "run", str(files["state_dict.pt"]), str(files["tensor.pt"]), *ARCH, "--json", str(report)
+    )
     assert_clean_outcome(o, (2,))
     assert "cannot write" in o.err and "No space left" in o.err
     assert file_digests(data) == before
     assert report.read_text() == OLD_REPORT
 
 
-def test_interrupt_during_write_keeps_old_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_during_write_keeps_old_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "report.json"
     target.write_text(OLD_REPORT)
 
@@ -192,9 +340,15 @@ def _x(c: int = 3) -> torch.Tensor:
 API_PATHS = {
     "ok": (_model, lambda m: bn_diff.run(m, _x()), None),
     "ok/mode-eval": (_model, lambda m: bn_diff.run(m, _x(), mode="eval"), None),
-    "ok/mode-train-on-eval-model": (lambda: _model().eval(), lambda m: bn_diff.run(m, _x(), mode="train"), None),
+    "ok/mode-train-on-eval-model": (
+        lambda: _model().eval(),
+        lambda m: bn_diff.run(m, _x(), mode="train"),
+        None,
+    ),
     "mismatch": (
-        lambda: nn.Sequential(nn.Conv2d(3, 2, 3), __import__("hardening_support").OffByOneMilliBN(2)),
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 2, 3), __import__("hardening_support").OffByOneMilliBN(2)
+        ),
         lambda m: bn_diff.run(m, _x()),
         None,
     ),
@@ -206,7 +360,11 @@ API_PATHS = {
         lambda m: bn_diff.run(m, _x(), extensions=[lambda call, res: _boom()]),  # type: ignore[func-returns-value]
         RuntimeError,
     ),
-    "interrupt/keyboard": (Interrupts, lambda m: bn_diff.run(m, _x(), mode="train"), KeyboardInterrupt),
+    "interrupt/keyboard": (
+        Interrupts,
+        lambda m: bn_diff.run(m, _x(), mode="train"),
+        KeyboardInterrupt,
+    ),
 }
 
 
@@ -243,7 +401,14 @@ def test_capture_restores_what_the_train_mode_forward_changed() -> None:
 def test_two_runs_same_json_in_process(files: dict[str, Path], tmp_path: Path) -> None:
     outs = []
     for i in range(2):
-        o = run_cli("run", str(files["state_dict.pt"]), str(files["input.npz"]), *ARCH, "--json", str(tmp_path / f"r{i}.json"))
+        o = run_cli(
+            "run",
+            str(files["state_dict.pt"]),
+            str(files["input.npz"]),
+            *ARCH,
+            "--json",
+            str(tmp_path / f"r{i}.json"),
+        )
         assert o.code == 0, o.err
         outs.append((tmp_path / f"r{i}.json").read_bytes())
     assert outs[0] == outs[1]
@@ -254,7 +419,17 @@ def test_two_processes_same_json(files: dict[str, Path], tmp_path: Path) -> None
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED=seed, NO_COLOR="1")
         r = subprocess.run(
-            [sys.executable, "-m", "bn_diff", "run", str(files["module.pt"]), str(files["tensor.pt"]), "--trust", "--json", "-"],
+            [
+                sys.executable,
+                "-m",
+                "bn_diff",
+                "run",
+                str(files["module.pt"]),
+                str(files["tensor.pt"]),
+                "--trust",
+                "--json",
+                "-",
+            ],
             capture_output=True,
             env=env,
             timeout=300,

@@ -147,7 +147,9 @@ class WithCompiledPart(nn.Module):
 
 def _deep() -> tuple[nn.Module, Any]:
     inner = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    m = nn.Sequential(nn.Sequential(nn.Sequential(nn.Sequential(inner))), nn.Sequential(nn.BatchNorm2d(4)))
+    m = nn.Sequential(
+        nn.Sequential(nn.Sequential(nn.Sequential(inner))), nn.Sequential(nn.BatchNorm2d(4))
+    )
     return m, _x(2, 3, 5, 5)
 
 
@@ -162,21 +164,35 @@ def _param_restored(m: nn.Module, _x: Any, r: bn_diff.RunReport) -> None:
 
 ODD_MODELS = [
     Odd("shared-bn-train", lambda: (SharedBN(), _x(2, 3, 5, 5)), ["bn", "bn#2"]),
-    Odd("shared-bn-eval", lambda: (_calibrated(SharedBN(), _x(4, 3, 5, 5)), _x(2, 3, 5, 5)), ["bn", "bn#2"]),
+    Odd(
+        "shared-bn-eval",
+        lambda: (_calibrated(SharedBN(), _x(4, 3, 5, 5)), _x(2, 3, 5, 5)),
+        ["bn", "bn#2"],
+    ),
     Odd("user-hooks-kept-and-called", _hooked, ["1"], check=_calls_once),
     Odd("user-hook-replaces-bn-output", _replacing_hook, ["1"], check=_hook_ran),
     Odd("bn-called-with-keyword-input", lambda: (KeywordBN(), _x(2, 3, 4, 4)), ["bn"]),
     Odd("torch-compile", _compiled, ["1"], findings=["compiled_module"]),
-    Odd("torch-compile-submodule", lambda: (WithCompiledPart(), _x(2, 3, 6, 6)), ["stem.1", "bn"], findings=["compiled_module"]),
+    Odd(
+        "torch-compile-submodule",
+        lambda: (WithCompiledPart(), _x(2, 3, 6, 6)),
+        ["stem.1", "bn"],
+        findings=["compiled_module"],
+    ),
     Odd(
         "dataparallel",
-        lambda: (nn.DataParallel(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))), _x(2, 3, 6, 6)),
+        lambda: (
+            nn.DataParallel(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))),
+            _x(2, 3, 6, 6),
+        ),
         ["1"],
     ),
     Odd(
         "channels-last",
         lambda: (
-            nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last),
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(
+                memory_format=torch.channels_last
+            ),
             _x(2, 3, 6, 6).to(memory_format=torch.channels_last),
         ),
         ["1"],
@@ -187,10 +203,18 @@ ODD_MODELS = [
         ["0"],
     ),
     Odd("float16-and-float32-layers", lambda: (Mixed(), _x(2, 3, 6, 6)), ["bn", "bn16"]),
-    Odd("float16-and-float32-layers-eval", lambda: (_calibrated(Mixed(), _x(4, 3, 6, 6)), _x(2, 3, 6, 6)), ["bn", "bn16"]),
+    Odd(
+        "float16-and-float32-layers-eval",
+        lambda: (_calibrated(Mixed(), _x(4, 3, 6, 6)), _x(2, 3, 6, 6)),
+        ["bn", "bn16"],
+    ),
     Odd("nested-sequential-4-deep", _deep, ["0.0.0.0.1", "1.0"]),
     Odd("bn1d-NC", lambda: (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), _x(5, 3)), ["1"]),
-    Odd("bn1d-NCL", lambda: (nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)), _x(5, 3, 7)), ["1"]),
+    Odd(
+        "bn1d-NCL",
+        lambda: (nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)), _x(5, 3, 7)),
+        ["1"],
+    ),
     Odd(
         "zero-batch-2d-train",
         lambda: (nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.zeros(0, 3, 5, 5)),
@@ -200,7 +224,10 @@ ODD_MODELS = [
     ),
     Odd(
         "zero-batch-2d-eval",
-        lambda: (nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(), torch.zeros(0, 3, 5, 5)),
+        lambda: (
+            nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(),
+            torch.zeros(0, 3, 5, 5),
+        ),
         ["1"],
         check=_empty_unchanged,
         findings=["empty_batch"],
@@ -219,12 +246,18 @@ ODD_MODELS = [
     ),
     Odd(
         "no-affine-no-tracking",
-        lambda: (nn.Sequential(nn.BatchNorm2d(3, affine=False, track_running_stats=False)), _x(4, 3, 4, 4)),
+        lambda: (
+            nn.Sequential(nn.BatchNorm2d(3, affine=False, track_running_stats=False)),
+            _x(4, 3, 4, 4),
+        ),
         ["0"],
     ),
     Odd(
         "eval-model-checked-in-train-mode",
-        lambda: (_calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), _x(4, 3, 6, 6)), _x(2, 3, 6, 6)),
+        lambda: (
+            _calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), _x(4, 3, 6, 6)),
+            _x(2, 3, 6, 6),
+        ),
         ["1"],
         mode="train",
     ),
@@ -242,7 +275,9 @@ def test_odd_model(odd: Odd) -> None:
     model, x = odd.build()
     before = fingerprint(model)
     report = bn_diff.run(model, x, mode=odd.mode)
-    assert bool(report), [(lr.info.name, lr.max_abs_diff, lr.running_update) for lr in report.layers]
+    assert bool(report), [
+        (lr.info.name, lr.max_abs_diff, lr.running_update) for lr in report.layers
+    ]
     assert [lr.info.name for lr in report.layers] == odd.names
     assert fingerprint(model) == before
     ids = {f.id for f in report.all_findings}
