@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, UsageError
+from .errors import InputError, ModelError, UsageError
 from .loadsafe import (
     MAX_INPUT_BYTES,
     check_regular_file,
@@ -185,7 +185,12 @@ def load_model(
     if arch is not None:
         sd = load_state_dict(path)
         factory = import_object(arch, pythonpath)
-        model = factory()
+        if not callable(factory):
+            raise UsageError(f"--arch {arch} is a {type(factory).__name__}, not a factory", None)
+        try:
+            model = factory()
+        except Exception as e:  # the user's own factory code
+            raise ModelError(f"--arch {arch} raised {type(e).__name__}: {reason(e)}", None) from None
         if not isinstance(model, nn.Module):
             raise UsageError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
         _strict_load(model, sd, path)
@@ -276,13 +281,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UsageError(f"--input-shape {text!r} is not a list of integers", "e.g. 8,3,224,224") from None
     if not shape or any(s < 0 for s in shape):
         raise UsageError(f"--input-shape {text!r} is not a valid shape", "e.g. 8,3,224,224")
-    if int(np.prod(shape, dtype=np.float64)) * 4 > MAX_INPUT_BYTES:
+    if math.prod(shape) * 4 > memory_budget():  # exact: a 400-digit size must not overflow
         raise UsageError(f"--input-shape {text} is too large", None)
     return shape
 
 
 def synthetic_input(shape: tuple[int, ...], seed: int = 0) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
+    try:
+        g = torch.Generator().manual_seed(seed)
+    except (RuntimeError, ValueError, OverflowError):
+        raise UsageError(f"--seed {seed} is out of range", "use a seed in 0 .. 2**64-1") from None
     return Inputs((torch.randn(shape, generator=g),), {}, f"synthetic normal {list(shape)}, seed {seed}")
 
 

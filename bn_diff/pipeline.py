@@ -371,8 +371,7 @@ def run_files(
     model = load_mod.load_model(model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath)
     inp = load_inputs(input_path, input_shape, seed)
     if device != "cpu":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
+        _check_device(device)
         model = model.to(device)
         inp = inp.to(device)
     return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
@@ -514,3 +513,20 @@ def _capture_findings(cap: Capture) -> list[Finding]:
             )
         )
     return out
+
+
+def _check_device(device: str) -> None:
+    """--device: cpu, or an available cuda device (a bad name is a usage error, not a bug)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device name", "use cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: there are {torch.cuda.device_count()} CUDA devices", None
+            )
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: bn-diff runs on cpu or cuda", "use cpu or cuda")

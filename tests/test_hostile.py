@@ -252,3 +252,50 @@ def test_ascii_terminal_does_not_crash(valid: dict[str, Path]) -> None:
 def test_corpus_ids_are_unique() -> None:
     """Each case is counted once in the totals the README quotes."""
     assert len(CASES) == len({c.id for c in CASES})
+
+
+def _arg_cases() -> list[tuple[str, list[str], int]]:
+    big = "9" * 400
+    return [
+        ("input-shape-400-digits", ["--input-shape", big + ",3"], 2),
+        ("input-shape-1e30-elements", ["--input-shape", "2,3," + "9" * 30], 2),
+        ("input-shape-negative", ["--input-shape", "-1,3"], 2),
+        ("input-shape-empty", ["--input-shape", ""], 2),
+        ("input-shape-words", ["--input-shape", "a,b"], 2),
+        ("seed-out-of-range", ["--input-shape", "2,3,4,4", "--seed", "9" * 30], 2),
+        ("atol-nan", ["{x}", "--atol", "nan", "--rtol", "0"], 2),
+        ("atol-rtol-inf", ["{x}", "--atol", "inf", "--rtol", "inf"], 2),
+        ("atol-without-rtol", ["{x}", "--atol", "1"], 2),
+        ("device-bogus", ["{x}", "--device", "bogus"], 2),
+        ("device-meta", ["{x}", "--device", "meta"], 2),
+        ("json-is-a-directory", ["{x}", "--json", "{dir}"], 2),
+        ("json-empty-path", ["{x}", "--json", ""], 2),
+        ("json-folder-missing", ["{x}", "--json", "{dir}/no/such/r.json"], 2),
+        ("layer-glob-bracket", ["{x}", "--layer", "["], 2),
+        ("arch-not-callable", ["{x}", "--arch", "math:pi"], 2),
+        ("arch-raises", ["{x}", "--arch", "json:loads"], 3),
+        ("arch-no-colon", ["{x}", "--arch", "models"], 2),
+        ("arch-missing-module", ["{x}", "--arch", "no_such_module_xyz:f"], 2),
+        ("arch-missing-attr", ["{x}", "--arch", "models:nope", "--pythonpath", "{examples}"], 2),
+        ("import-missing", ["{x}", "--trust", "--import", "no_such_module_xyz"], 2),
+    ]
+
+
+ARG_CASES = _arg_cases()
+
+
+@pytest.mark.parametrize("args, code", [c[1:] for c in ARG_CASES], ids=[c[0] for c in ARG_CASES])
+def test_hostile_arguments(
+    valid: dict[str, Path], tmp_path: Path, args: list[str], code: int
+) -> None:
+    """Absurd values on the command line: a usage error (2) or bad input (3), one line."""
+    from hardening_support import EXAMPLES
+
+    subst = {"{x}": str(valid["tensor.pt"]), "{dir}": str(tmp_path), "{examples}": str(EXAMPLES)}
+    argv = [subst.get(a, a.replace("{dir}", str(tmp_path))) for a in args]
+    model = str(valid["module.pt"]) if "--trust" in argv else str(valid["state_dict.pt"])
+    if "--arch" not in argv and "--trust" not in argv:
+        argv += ARCH
+    o = run_cli("run", model, *argv)
+    assert_clean_outcome(o, (code,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no stray or half-written file
