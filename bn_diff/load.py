@@ -24,7 +24,6 @@ from torch import nn
 
 from .errors import InputError, ModelError, UsageError
 from .loadsafe import (
-    MAX_INPUT_BYTES,  # noqa: F401 - re-exported: load.MAX_INPUT_BYTES is public
     check_regular_file,
     display,
     is_zip,
