@@ -22,6 +22,7 @@ from .capture import BnCall, Capture, is_bn_like, named_modules
 from .compare import close, compare, dtype_name, resolve, rounding_allowance
 from .errors import BnDiffError, ModelError, UsageError
 from .loadsafe import display
+from .oddities import capture_findings, check_device, empty_batch, empty_update, refuse_unsupported
 from .recompute import Moments, as_f64, channel_moments, coefficients, running_update
 from .results import (
     ChannelStats,
@@ -78,7 +79,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     gaps = _train_eval_gap(call, mom, gamma, beta, rm, rv)
     update = None
     if call.updates_running_stats:
-        update = _check_running_update(call, mom) if mom.count else _empty_update(call)
+        update = _check_running_update(call, mom) if mom.count else empty_update(call)
     info = LayerInfo(
         name=call.name,
         type=call.type,
@@ -124,7 +125,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         for i in range(c)
     )
     return LayerResult(
-        findings=_empty_batch(call) if mom.count == 0 else (),
+        findings=empty_batch(call) if mom.count == 0 else (),
         info=info,
         channels=channels,
         numel=cmp.numel,
@@ -288,7 +289,7 @@ def run(
         if progress is not None:
             progress(len(results), len(names), call.name)
 
-    _refuse_unsupported(model)
+    refuse_unsupported(model)
     cap = Capture(model, on_bn, mode=mode)
     failure: Exception | None = None
     try:
@@ -304,7 +305,7 @@ def run(
         raise e.__cause__ from None
     if failure is not None:
         raise _model_error(model, inp, failure, mode) from None
-    findings.extend(_capture_findings(cap))
+    findings.extend(capture_findings(cap))
 
     if not names and not results:
         findings.append(
@@ -371,7 +372,7 @@ def run_files(
     model = load_mod.load_model(model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath)
     inp = load_inputs(input_path, input_shape, seed)
     if device != "cpu":
-        _check_device(device)
+        check_device(device)
         model = model.to(device)
         inp = inp.to(device)
     return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
@@ -434,99 +435,3 @@ def describe_layers(model: nn.Module) -> list[dict[str, Any]]:
             continue
         rows.append({"name": name, "type": type(m).__name__, "kind": kind, "config": cfg})
     return rows
-
-
-# --- odd models (hardening) -------------------------------------------------------------------
-def _empty_batch(call: BnCall) -> tuple[Finding, ...]:
-    return (
-        Finding(
-            "empty_batch",
-            "info",
-            f"{call.name} got an empty batch (input shape {tuple(call.x.shape)}): no values to "
-            "compare",
-            layer=call.name,
-        ),
-    )
-
-
-def _empty_update(call: BnCall) -> RunningUpdate | None:
-    """PyTorch leaves running statistics alone on an empty batch (it still counts the batch)."""
-    rm0, rv0 = call.running_mean_before, call.running_var_before
-    rm1, rv1 = call.running_mean_after, call.running_var_after
-    if rm0 is None or rv0 is None or rm1 is None or rv1 is None:
-        return None
-    dm = (rm1.double() - rm0.double()).abs()
-    dv = (rv1.double() - rv0.double()).abs()
-    n0, n1 = call.num_batches_tracked_before, call.num_batches_tracked_after
-    nbt_ok = n0 is None or n1 is None or n1 == n0 + 1
-    k = call.momentum if call.momentum is not None else 1.0 / max(n1 or 1, 1)
-    largest_m = float(dm.max().item()) if dm.numel() else 0.0
-    largest_v = float(dv.max().item()) if dv.numel() else 0.0
-    return RunningUpdate(
-        momentum_used=k,
-        max_abs_diff_mean=largest_m,
-        max_abs_diff_var=largest_v,
-        num_batches_tracked_ok=nbt_ok,
-        ok=largest_m == 0.0 and largest_v == 0.0 and nbt_ok,
-        largest_mean_change=largest_m,
-        largest_var_change=largest_v,
-    )
-
-
-def _refuse_unsupported(model: nn.Module) -> None:
-    """TorchScript runs no Python hooks; a Lazy module's first forward would create parameters."""
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ModelError(
-            "the model is a TorchScript module; bn-diff hooks eager modules, and TorchScript "
-            "does not run Python hooks",
-            "pass the eager model it was scripted from",
-        )
-    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
-    lazy += [n for n, b in model.named_buffers() if isinstance(b, nn.parameter.UninitializedBuffer)]
-    if lazy:
-        raise ModelError(
-            f"the model has uninitialized lazy parameters ({', '.join(lazy[:3])}); checking it "
-            "would create them and change the model",
-            "run one forward on a real batch first (or load its weights), then bn-diff",
-        )
-
-
-def _capture_findings(cap: Capture) -> list[Finding]:
-    out: list[Finding] = []
-    if cap.compiled:
-        out.append(
-            Finding(
-                "compiled_module",
-                "info",
-                f"{', '.join(cap.compiled)} is torch.compile'd: bn-diff ran it eagerly (the "
-                "original module) to hook its layers; compiled kernels may round differently",
-            )
-        )
-    if cap.unrestored:
-        out.append(
-            Finding(
-                "model_changed",
-                "warning",
-                f"the model's forward changed {', '.join(cap.unrestored[:3])} in place in a way "
-                "bn-diff could not undo",
-                "keep the forward free of in-place writes to parameters",
-            )
-        )
-    return out
-
-
-def _check_device(device: str) -> None:
-    """--device: cpu, or an available cuda device (a bad name is a usage error, not a bug)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a device name", "use cpu or cuda") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {device}: there are {torch.cuda.device_count()} CUDA devices", None
-            )
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {device}: bn-diff runs on cpu or cuda", "use cpu or cuda")
