@@ -139,7 +139,7 @@ class _FunctionalBN(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.batch_norm and self.owner._in_bn == 0 and self.owner.functional:
             return self.owner._functional(func, args, kwargs)
-        if self.owner._guard and not self.owner._checking:  # bn-diff's own check writes no params
+        if self.owner._guard:
             self.owner._guard.before(func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -181,7 +181,6 @@ class Capture:
         self._flags: list[tuple[nn.Module, bool]] = []
         self._mode_ctx: _FunctionalBN | None = None
         self._guard: ParamGuard | None = None
-        self._checking = False
         self._stance: Any = None
         self.unrestored: list[str] = []
         """Parameters the forward changed in a way bn-diff could not undo (should stay empty)."""
@@ -314,16 +313,13 @@ class Capture:
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
                 return
-            self._hand_over(self._module_call(label, m, x, out, before))
+            call = self._module_call(label, m, x, out, before)
+            # The checker's own torch ops must not go through the TorchFunctionMode that watches
+            # the model for F.batch_norm: a Python round trip per op would cost more than the check.
+            with torch._C.DisableTorchFunction():
+                self.on_bn(call)
 
         return hook
-
-    def _hand_over(self, call: BnCall) -> None:
-        self._checking = True
-        try:
-            self.on_bn(call)
-        finally:
-            self._checking = False
 
     def _unique(self, name: str) -> str:
         k = self.calls.get(name, 0) + 1
@@ -394,7 +390,7 @@ class Capture:
         caller = self._stack[-1] if self._stack else "(model)"
         momentum = bound["momentum"]
         w, b = bound["weight"], bound["bias"]
-        self._hand_over(
+        self.on_bn(
             BnCall(
                 name=self._unique(caller + ":F.batch_norm"),
                 type="F.batch_norm",
