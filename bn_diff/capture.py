@@ -3,7 +3,13 @@
 `Capture` is a context manager. Inside it, every BatchNorm call (module, duck-typed frozen BN, or a
 bare `F.batch_norm` call) is handed to `on_bn` as a `BnCall` while its input and output are alive;
 nothing is kept afterwards. On exit, in `finally`, the hooks are removed and every buffer (running
-statistics, num_batches_tracked) and every `training` flag is restored.
+statistics, num_batches_tracked) and every `training` flag is restored; a parameter the forward
+writes in place is copied first and restored too (`guard.ParamGuard`).
+
+Odd but legal models: a BN module called twice is reported per call (`name`, `name#2`); the user's
+own hooks stay in place and run (bn-diff's output hook runs first, so it sees the module's raw
+output); `torch.compile`d modules run eagerly while captured (`set_stance("force_eager")`), since
+compiled graphs cannot call Python hooks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .guard import ParamGuard, is_compiled
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -129,8 +137,10 @@ class _FunctionalBN(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.batch_norm and self.owner._in_bn == 0:
+        if func is F.batch_norm and self.owner._in_bn == 0 and self.owner.functional:
             return self.owner._functional(func, args, kwargs)
+        if self.owner._guard:
+            self.owner._guard.before(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -170,6 +180,12 @@ class Capture:
         self._buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self._flags: list[tuple[nn.Module, bool]] = []
         self._mode_ctx: _FunctionalBN | None = None
+        self._guard: ParamGuard | None = None
+        self._stance: Any = None
+        self.unrestored: list[str] = []
+        """Parameters the forward changed in a way bn-diff could not undo (should stay empty)."""
+        self.compiled: list[str] = []
+        """`torch.compile`d modules, which ran eagerly while captured."""
 
     # --- context management -------------------------------------------------------------------
     def __enter__(self) -> Capture:
@@ -200,6 +216,8 @@ class Capture:
                 for bname, buf in m._buffers.items():
                     if buf is not None:
                         self._buffers.append((m, bname, buf, buf.detach().clone()))
+        self._guard = ParamGuard(self.model)
+        self.compiled = [n or "(model)" for n, m in named_modules(self.model) if is_compiled(m)]
 
     def _restore(self) -> None:
         for h in self._handles:
@@ -208,6 +226,12 @@ class Capture:
         if self._mode_ctx is not None:
             self._mode_ctx.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._mode_ctx = None
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+        if self._guard is not None:
+            self.unrestored = self._guard.restore()
+            self._guard = None
         with torch.no_grad():
             for m, bname, orig, saved in self._buffers:
                 m._buffers[bname] = orig
@@ -229,9 +253,17 @@ class Capture:
                 self._handles.append(m.register_forward_hook(self._conv_hook(label)))
             elif is_bn_like(m):
                 self._handles.append(m.register_forward_pre_hook(self._bn_pre(m)))
-                self._handles.append(
-                    m.register_forward_hook(self._bn_post(label, m), always_call=True)
+                self._handles.append(  # prepend: the module's own output, before a user hook's
+                    m.register_forward_hook(
+                        self._bn_post(label, m), prepend=True, with_kwargs=True, always_call=True
+                    )
                 )
+        if self.compiled:  # compiled graphs cannot call Python hooks: run them eagerly
+            self._stance = torch.compiler.set_stance("force_eager")
+            self._stance.__enter__()
+        if self._guard and not self.functional:  # the parameter guard needs the mode too
+            self._mode_ctx = _FunctionalBN(self)
+            self._mode_ctx.__enter__()  # type: ignore[no-untyped-call]
         if self.functional:
             self._mode_ctx = _FunctionalBN(self)
             self._mode_ctx.__enter__()  # type: ignore[no-untyped-call]
@@ -272,10 +304,13 @@ class Capture:
         return hook
 
     def _bn_post(self, label: str, m: nn.Module) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: Any, out: Any) -> None:
+        def hook(_m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+            pending = self._pending.get(id(m))
+            if not pending:  # a user pre-hook raised before ours ran: nothing to pair with
+                return
             self._in_bn -= 1
-            before = self._pending[id(m)].pop()
-            x = args[0] if args else None
+            before = pending.pop()
+            x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
                 return
             call = self._module_call(label, m, x, out, before)

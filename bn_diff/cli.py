@@ -61,7 +61,8 @@ _state: dict[str, bool] = {"traceback": False}
 
 # --- shared options ---------------------------------------------------------------------------
 ModelArg = Annotated[Path, typer.Argument(help="Model: a pickled nn.Module (needs --trust), or a "
-                                          "state_dict .pt/.pth/.safetensors with --arch.")]
+                                          "state_dict .pt/.pth/.safetensors with --arch.",
+                                          readable=False)]  # load.py says why, with exit 3
 TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow unpickling a full nn.Module "
                                         "(this can run code from the file).")]
 ArchOpt = Annotated[str | None, typer.Option("--arch", metavar="MOD:FN",
@@ -85,7 +86,8 @@ def _fail(err: BnDiffError) -> NoReturn:
 def run(
     model: ModelArg,
     input: Annotated[Path | None, typer.Argument(help="Input: .pt (tensor, tuple/list/dict of "
-                                                 "tensors), .npy or .npz. Omit with --input-shape.")]
+                                                 "tensors), .npy or .npz. Omit with --input-shape.",
+                                                 readable=False)]
     = None,
     mode: Annotated[Mode, typer.Option(help="as-is: each layer as saved; train/eval: the whole "
                                        "model in that mode for the analysis.")] = Mode.as_is,
@@ -371,6 +373,7 @@ def _write_reports(report: Any, json_out: str | None, junit: Path | None) -> Non
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user errors are one line with a hint; bugs keep their traceback (exit 4)."""
+    _tolerant_streams()
     try:
         code = app(args=argv, prog_name="bn-diff", standalone_mode=False)
     except typer.Exit as e:
@@ -397,6 +400,15 @@ def main(argv: list[str] | None = None) -> Any:
         )
         return _exit(int(ExitCode.INTERNAL))
     return _exit(code if isinstance(code, int) else 0)
+
+
+def _tolerant_streams() -> None:
+    """A character the terminal's encoding lacks (an ASCII locale, a file name that is not UTF-8)
+    is written as an escape instead of ending the run with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="backslashreplace")
 
 
 def _exit(code: int) -> NoReturn:

@@ -8,23 +8,31 @@ has been checked against the file size, safetensors through its own parser.
 from __future__ import annotations
 
 import importlib
-import os
+import math
 import pickle
+import re
 import sys
-import zipfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, UsageError
-
-MAX_INPUT_BYTES = 16 << 30
-"""Refuse inputs whose header claims more than this (a hostile header should not allocate)."""
+from .errors import InputError, ModelError, UsageError
+from .load_numpy import npy_tensor, npz_tensors
+from .loadsafe import MAX_INPUT_BYTES as MAX_INPUT_BYTES  # re-exported: reference.py uses it
+from .loadsafe import (
+    check_regular_file,
+    display,
+    is_zip,
+    memory_budget,
+    open_archive,
+    pickle_globals,
+    reason,
+)
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -51,51 +59,46 @@ class Inputs:
 
 # --- files --------------------------------------------------------------------------------------
 def _check_file(path: Path, what: str) -> None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist", "check the path") from None
-    except OSError as e:
-        raise InputError(f"{what} {path} cannot be read: {e.strerror}", "check the path") from None
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a directory, not a file", "pass the file inside it")
-    if st.st_size == 0:
-        raise InputError(f"{what} {path} is empty", "re-save it; the file has no bytes")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{what} {path} is not readable (permission denied)", "check its mode")
+    check_regular_file(path, what)
+    if is_zip(path):  # .pt archives and .npz: refuse zip bombs before a parser inflates them
+        open_archive(path, what).close()
+
+
+def _not_readable(path: Path, what: str, err: BaseException) -> InputError:
+    return InputError(
+        f"{what} {display(path)} is not a readable PyTorch file ({reason(err)})",
+        "it may be truncated or corrupted; re-save it with torch.save",
+    )
 
 
 def _torch_load_safe(path: Path, what: str) -> Any:
     """`torch.load(weights_only=True)` with one-line errors."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # errors are one line: torch's warnings would add more
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _unsafe(path, what, e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"{what} {path} is not a readable PyTorch file ({first[:160]})",
-            "it may be truncated or corrupted; re-save it with torch.save",
-        ) from None
+    except Exception as e:  # a damaged file makes torch's parsers raise almost any type
+        raise _not_readable(path, what, e) from None
 
 
 def _unsafe(path: Path, what: str, err: Exception) -> InputError:
-    try:
-        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:
-        names = []
+    names = sorted(pickle_globals(path))  # found by disassembly; nothing is unpickled
+    if not names:  # the scan found nothing (damaged archive): torch's own refusal may name it
+        m = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        names = [m.group(1)] if m else []
     if names:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         return InputError(
-            f"{what} {path} is a pickle that needs classes {shown}; unpickling can run code, "
-            "so bn-diff refuses it",
+            f"{what} {display(path)} is a pickle that needs classes {shown}; unpickling can run "
+            "code, so bn-diff refuses it",
             "pass --trust if you trust this file, or save a state_dict and pass --arch "
             "package.module:factory",
         )
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return InputError(
-        f"{what} {path} cannot be loaded safely ({first[:160]})",
-        "pass --trust if you trust this file, or re-save it as tensors / a state_dict",
+        f"{what} {display(path)} cannot be loaded safely ({reason(err)})",
+        "it may be damaged, or not a torch.save file; re-save it as tensors or a state_dict",
     )
 
 
@@ -136,18 +139,23 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise InputError(
-                f"{path} is a safetensors file but the safetensors package is not installed",
+                f"{display(path)} is a safetensors file but the safetensors package is not "
+                "installed",
                 "pip install 'bn-diff[safetensors]'",
             ) from None
         try:
             return dict(load_file(str(path)))
-        except Exception as e:
-            raise InputError(f"model {path} is not a readable safetensors file ({e})", None) from None
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
+            raise InputError(
+                f"model {display(path)} is not a readable safetensors file ({reason(e)})",
+                "it may be truncated or corrupted; re-save it",
+            ) from None
     obj = _torch_load_safe(path, "model")
     sd = _as_state_dict(obj)
     if sd is None:
         raise InputError(
-            f"model {path} holds a {type(obj).__name__}, not a state_dict", "save model.state_dict()"
+            f"model {display(path)} holds a {type(obj).__name__}, not a state_dict",
+            "save model.state_dict()",
         )
     return sd
 
@@ -177,7 +185,12 @@ def load_model(
     if arch is not None:
         sd = load_state_dict(path)
         factory = import_object(arch, pythonpath)
-        model = factory()
+        if not callable(factory):
+            raise UsageError(f"--arch {arch} is a {type(factory).__name__}, not a factory", None)
+        try:
+            model = factory()
+        except Exception as e:  # the user's own factory code
+            raise ModelError(f"--arch {arch} raised {type(e).__name__}: {reason(e)}", None) from None
         if not isinstance(model, nn.Module):
             raise UsageError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
         _strict_load(model, sd, path)
@@ -185,7 +198,7 @@ def load_model(
     _check_file(path, "model")
     if path.suffix == ".safetensors":
         raise UsageError(
-            f"{path} holds weights only; bn-diff needs the architecture too",
+            f"{display(path)} holds weights only; bn-diff needs the architecture too",
             "pass --arch package.module:factory",
         )
     _extend_path(pythonpath)
@@ -196,24 +209,35 @@ def load_model(
             raise UsageError(f"--import {mod} failed ({e})", "add its folder with --pythonpath") from None
     if trust:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=False)
         except (AttributeError, ModuleNotFoundError) as e:
             raise InputError(
-                f"model {path} needs code that cannot be found ({e})",
+                f"model {display(path)} needs code that cannot be found ({reason(e)})",
                 "pass --import MODULE and/or --pythonpath DIR so its classes can be imported",
             ) from None
-        except Exception as e:
-            raise InputError(f"model {path} is not a readable PyTorch file ({e})", None) from None
+        except Exception as e:  # --trust: the file's own code may raise anything
+            raise _not_readable(path, "model", e) from None
     else:
         obj = _torch_load_safe(path, "model")
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise InputError(
+            f"model {display(path)} is a TorchScript module; bn-diff hooks eager modules, and "
+            "TorchScript does not run Python hooks",
+            "save the eager model (torch.save(model)) or its state_dict and pass --arch",
+        )
     if isinstance(obj, nn.Module):
         return obj
     if _as_state_dict(obj) is not None:
         raise UsageError(
-            f"{path} is a state_dict, not a model",
+            f"{display(path)} is a state_dict, not a model",
             "pass --arch package.module:factory to build the model it belongs to",
         )
-    raise InputError(f"model {path} holds a {type(obj).__name__}, not an nn.Module", None)
+    raise InputError(
+        f"model {display(path)} holds a {type(obj).__name__}, not an nn.Module",
+        "save the model with torch.save(model, path), or its state_dict with --arch",
+    )
 
 
 def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
@@ -229,18 +253,24 @@ def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> N
                 "unexpected " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
             )
         raise InputError(
-            f"state_dict {path} does not fit the --arch model: " + "; ".join(parts),
+            f"state_dict {display(path)} does not fit the --arch model: " + "; ".join(parts),
             "check that --arch builds the architecture these weights were saved from",
         )
     bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
     if bad:
         k = bad[0]
         raise InputError(
-            f"state_dict {path}: {k} has shape {tuple(sd[k].shape)}, the model expects "
+            f"state_dict {display(path)}: {k} has shape {tuple(sd[k].shape)}, the model expects "
             f"{tuple(own[k].shape)}",
             "check --arch",
         )
-    model.load_state_dict(sd, strict=True)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:  # e.g. a dtype that cannot be copied
+        raise InputError(
+            f"state_dict {display(path)} does not load into the --arch model ({reason(e)})",
+            "check --arch and the file",
+        ) from None
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -251,13 +281,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UsageError(f"--input-shape {text!r} is not a list of integers", "e.g. 8,3,224,224") from None
     if not shape or any(s < 0 for s in shape):
         raise UsageError(f"--input-shape {text!r} is not a valid shape", "e.g. 8,3,224,224")
-    if int(np.prod(shape, dtype=np.float64)) * 4 > MAX_INPUT_BYTES:
+    if math.prod(shape) * 4 > memory_budget():  # exact: a 400-digit size must not overflow
         raise UsageError(f"--input-shape {text} is too large", None)
     return shape
 
 
 def synthetic_input(shape: tuple[int, ...], seed: int = 0) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
+    try:
+        g = torch.Generator().manual_seed(seed)
+    except (RuntimeError, ValueError, OverflowError):
+        raise UsageError(f"--seed {seed} is out of range", "use a seed in 0 .. 2**64-1") from None
     return Inputs((torch.randn(shape, generator=g),), {}, f"synthetic normal {list(shape)}, seed {seed}")
 
 
@@ -267,100 +300,40 @@ def load_inputs(path: Path) -> Inputs:
     _check_file(path, "input")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return Inputs((_npy(path),), {}, str(path))
-    if suffix == ".npz":
-        return Inputs(tuple(_npz(path).values()), {}, str(path))
-    obj = _torch_load_safe(path, "input")
-    return _as_inputs(obj, path)
+        inp = Inputs((npy_tensor(path),), {}, display(path))
+    elif suffix == ".npz":
+        inp = Inputs(tuple(npz_tensors(path).values()), {}, display(path))
+    else:
+        inp = _as_inputs(_torch_load_safe(path, "input"), path)
+    _check_logical_size(inp, path)
+    return inp
 
 
 def _as_inputs(obj: Any, path: Path) -> Inputs:
     if isinstance(obj, torch.Tensor):
-        return Inputs((obj,), {}, str(path))
+        return Inputs((obj,), {}, display(path))
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
-        return Inputs(tuple(obj), {}, str(path))
+        return Inputs(tuple(obj), {}, display(path))
     if isinstance(obj, Mapping) and obj and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        return Inputs((), dict(obj), str(path))
+        return Inputs((), dict(obj), display(path))
     raise InputError(
-        f"input {path} holds a {type(obj).__name__}, not a tensor or a tuple/list/dict of tensors",
+        f"input {display(path)} holds a {type(obj).__name__}, not a tensor or a tuple/list/dict "
+        "of tensors",
         "save the input with torch.save(tensor, path)",
     )
 
 
-def _npy_header(f: Any, path: Path) -> tuple[tuple[int, ...], np.dtype[Any]]:
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except (ValueError, OSError, SyntaxError, EOFError) as e:
-        raise InputError(f"input {path} is not a valid .npy file ({e})", None) from None
-    if dtype.hasobject:
-        raise InputError(
-            f"input {path} holds Python objects; loading them would unpickle",
-            "save a numeric array",
-        )
-    return tuple(shape), dtype
-
-
-def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], avail: int, path: Path) -> None:
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if nbytes > MAX_INPUT_BYTES or nbytes > avail:
-        raise InputError(
-            f"input {path}: header claims {shape} {dtype} ({nbytes} bytes) but the file holds "
-            f"{avail} bytes",
-            "the file is truncated or forged; re-save it",
-        )
-
-
-def _npy(path: Path) -> torch.Tensor:
-    with open(path, "rb") as f:
-        shape, dtype = _npy_header(f, path)
-        _check_size(shape, dtype, path.stat().st_size - f.tell(), path)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"input {path} is not a valid .npy file ({e})", None) from None
-    return _to_tensor(arr, path)
-
-
-def _npz(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise InputError(f"input {path} is not a valid .npz file ({e})", None) from None
-    out: dict[str, torch.Tensor] = {}
-    with zf:
-        infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
-        if not infos:
-            raise InputError(f"input {path} holds no arrays", None)
-        for info in infos:
-            if info.file_size > MAX_INPUT_BYTES:
-                raise InputError(f"input {path}: member {info.filename} is too large", None)
-            if info.compress_size and info.file_size / info.compress_size > 1000:
-                raise InputError(
-                    f"input {path}: member {info.filename} expands {info.file_size // info.compress_size}x; "
-                    "refusing a likely zip bomb",
-                    None,
-                )
-            try:
-                with zf.open(info) as f:
-                    shape, dtype = _npy_header(f, path)
-                    _check_size(shape, dtype, info.file_size - f.tell(), path)
-                    arr = np.lib.format.read_array(f, allow_pickle=False)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise InputError(f"input {path}: member {info.filename} is unreadable ({e})", None) from None
-            out[info.filename[: -len(".npy")]] = _to_tensor(arr, path)
-    return out
-
-
-def _to_tensor(arr: np.ndarray[Any, Any], path: Path) -> torch.Tensor:
-    if arr.dtype.kind not in "fiub" and arr.dtype != np.float16:
-        raise InputError(f"input {path} has dtype {arr.dtype}, not a number type", None)
-    try:
-        return torch.from_numpy(np.ascontiguousarray(arr))
-    except TypeError as e:
-        raise InputError(f"input {path}: {e}", None) from None
+def _check_logical_size(inp: Inputs, path: Path) -> None:
+    """A saved view with zero strides can claim far more elements than its storage holds; the
+    model's forward would then allocate for the claim. Refuse claims beyond the memory budget."""
+    budget = memory_budget()
+    for t in inp.tensors():
+        nbytes = math.prod(t.shape) * t.element_size()
+        if nbytes > budget:
+            raise InputError(
+                f"input {display(path)} holds a tensor of shape {tuple(t.shape)} ({nbytes} bytes), "
+                f"more than the {budget} bytes bn-diff allows",
+                "use a smaller batch",
+            )

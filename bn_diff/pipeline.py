@@ -21,6 +21,8 @@ from . import load as load_mod
 from .capture import BnCall, Capture, is_bn_like, named_modules
 from .compare import close, compare, dtype_name, resolve, rounding_allowance
 from .errors import BnDiffError, ModelError, UsageError
+from .loadsafe import display
+from .oddities import capture_findings, check_device, empty_batch, empty_update, refuse_unsupported
 from .recompute import Moments, as_f64, channel_moments, coefficients, running_update
 from .results import (
     ChannelStats,
@@ -75,7 +77,9 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     allow = rounding_allowance(tol, y.dtype, mom, mean, var, gamma, beta, call.eps)
     cmp = compare(x, y, mean, var, gamma, beta, call.eps, atol, rtol, allow)
     gaps = _train_eval_gap(call, mom, gamma, beta, rm, rv)
-    update = _check_running_update(call, mom) if call.updates_running_stats else None
+    update = None
+    if call.updates_running_stats:
+        update = _check_running_update(call, mom) if mom.count else empty_update(call)
     info = LayerInfo(
         name=call.name,
         type=call.type,
@@ -121,6 +125,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         for i in range(c)
     )
     return LayerResult(
+        findings=empty_batch(call) if mom.count == 0 else (),
         info=info,
         channels=channels,
         numel=cmp.numel,
@@ -298,16 +303,23 @@ def run(
         if progress is not None:
             progress(len(results), len(names), call.name)
 
+    refuse_unsupported(model)
+    cap = Capture(model, on_bn, mode=mode)
+    failure: Exception | None = None
     try:
-        with torch.no_grad(), Capture(model, on_bn, mode=mode):
-            model(*inp.args, **inp.kwargs)
+        with torch.no_grad(), cap:
+            try:
+                model(*inp.args, **inp.kwargs)
+            except (_HookFailure, BnDiffError):
+                raise
+            except Exception as e:  # what the model's own forward raises is about the model
+                failure = e
     except _HookFailure as e:
         assert e.__cause__ is not None
         raise e.__cause__ from None
-    except BnDiffError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        raise _model_error(model, inp, e, mode) from None
+    if failure is not None:
+        raise _model_error(model, inp, failure, mode) from None
+    findings.extend(capture_findings(cap))
 
     if not names and not results:
         findings.append(
@@ -374,11 +386,10 @@ def run_files(
     model = load_mod.load_model(model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath)
     inp = load_inputs(input_path, input_shape, seed)
     if device != "cpu":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but CUDA is not available here", "use --device cpu")
+        check_device(device)
         model = model.to(device)
         inp = inp.to(device)
-    return run(model, inp, model_name=str(model_path), input_name=inp.source, **kwargs)
+    return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
 
 
 def load_inputs(input_path: Path | None, input_shape: str | None, seed: int) -> load_mod.Inputs:

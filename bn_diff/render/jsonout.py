@@ -22,17 +22,11 @@ def write_atomic(path: Path, text: str) -> None:
     An unwritable destination is a usage error (exit 2, one line), never a traceback.
     """
     path = Path(path)
-    try:
-        _write_atomic(path, text)
-    except OSError as e:
-        raise UsageError(
-            f"cannot write {path}: {e.strerror or e}", "check that the folder exists and is writable"
-        ) from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -42,12 +36,22 @@ def _write_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):  # disk full, target is a directory...: the old file stays
+            raise _cannot_write(path, e) from None
         raise
+
+
+def _cannot_write(path: Path, err: OSError) -> UsageError:
+    return UsageError(
+        f"cannot write {os.fsencode(path).decode('utf-8', 'backslashreplace')}: "
+        f"{err.strerror or err}",
+        "check that its folder exists and is writable",
+    )
 
 
 def write_json(obj: Any, target: str) -> None:
