@@ -23,7 +23,6 @@ from torch import nn
 
 from .errors import InputError, ModelError, UsageError
 from .load_numpy import npy_tensor, npz_tensors
-from .loadsafe import MAX_INPUT_BYTES as MAX_INPUT_BYTES  # re-exported: reference.py uses it
 from .loadsafe import (
     check_regular_file,
     display,

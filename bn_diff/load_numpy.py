@@ -18,7 +18,7 @@ from .errors import InputError
 from .loadsafe import display, memory_budget, open_archive, reason
 
 
-def _npy_header(f: Any, shown: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+def npy_header(f: Any, shown: str, what: str = "input") -> tuple[tuple[int, ...], np.dtype[Any]]:
     """Shape and dtype from a .npy header; `shown` names the file (and member) in errors."""
     try:
         version = np.lib.format.read_magic(f)
@@ -27,57 +27,59 @@ def _npy_header(f: Any, shown: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
         else:
             shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
     except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TypeError...
-        raise _bad_npy(shown, e) from None
+        raise _bad_npy(shown, e, what) from None
     if dtype.hasobject:
         raise InputError(
-            f"input {shown} holds Python objects; loading them would unpickle, so bn-diff "
+            f"{what} {shown} holds Python objects; loading them would unpickle, so bn-diff "
             "refuses it",
             "save a numeric array",
         )
     if not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise InputError(f"input {shown}: header claims shape {shape}", "re-save it")
+        raise InputError(f"{what} {shown}: header claims shape {shape}", "re-save it")
     return tuple(shape), dtype
 
 
-def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], avail: int, shown: str) -> None:
+def check_size(
+    shape: tuple[int, ...], dtype: np.dtype[Any], avail: int, shown: str, what: str = "input"
+) -> None:
     """Refuse a header whose claim the bytes after it cannot hold, before anything is allocated."""
     nbytes = math.prod(shape) * dtype.itemsize
     budget = memory_budget()
     if nbytes > budget:
         raise InputError(
-            f"input {shown}: header claims {shape} {dtype} ({nbytes} bytes), more than the "
+            f"{what} {shown}: header claims {shape} {dtype} ({nbytes} bytes), more than the "
             f"{budget} bytes bn-diff allows",
             "the file is forged, or too large for this machine",
         )
     if nbytes > avail:
         raise InputError(
-            f"input {shown}: header claims {shape} {dtype} ({nbytes} bytes) but the file "
+            f"{what} {shown}: header claims {shape} {dtype} ({nbytes} bytes) but the file "
             f"holds {avail} bytes",
             "the file is truncated or forged; re-save it",
         )
 
 
-def npy_tensor(path: Path) -> torch.Tensor:
+def npy_tensor(path: Path, what: str = "input") -> torch.Tensor:
     """A `.npy` file as a tensor, its header checked against the file size before reading."""
     shown = display(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as e:  # e.g. permission lost since the check
-        raise InputError(f"input {shown} cannot be read: {e.strerror}", "check its mode") from None
+        raise InputError(f"{what} {shown} cannot be read: {e.strerror}", "check its mode") from None
     with f:
-        shape, dtype = _npy_header(f, shown)
-        _check_size(shape, dtype, path.stat().st_size - f.tell(), shown)
+        shape, dtype = npy_header(f, shown, what)
+        check_size(shape, dtype, path.stat().st_size - f.tell(), shown, what)
         f.seek(0)  # read_array parses the header itself
         try:
             arr = np.lib.format.read_array(f, allow_pickle=False)
         except Exception as e:  # what numpy raises on a damaged body
-            raise _bad_npy(shown, e) from None
-    return _to_tensor(arr, path)
+            raise _bad_npy(shown, e, what) from None
+    return _to_tensor(arr, path, what)
 
 
-def _bad_npy(shown: str, err: BaseException) -> InputError:
+def _bad_npy(shown: str, err: BaseException, what: str = "input") -> InputError:
     return InputError(
-        f"input {shown} is not a valid .npy file ({reason(err)})",
+        f"{what} {shown} is not a valid .npy file ({reason(err)})",
         "it may be truncated or corrupted; re-save it with np.save",
     )
 
@@ -93,8 +95,8 @@ def npz_tensors(path: Path) -> dict[str, torch.Tensor]:
             shown = f"{display(path)} (member {info.filename})"
             try:
                 with zf.open(info) as f:
-                    shape, dtype = _npy_header(f, shown)
-                    _check_size(shape, dtype, info.file_size - f.tell(), shown)
+                    shape, dtype = npy_header(f, shown)
+                    check_size(shape, dtype, info.file_size - f.tell(), shown)
                 with zf.open(info) as f:  # read_array parses the header itself
                     arr = np.lib.format.read_array(f, allow_pickle=False)
             except InputError:
@@ -108,10 +110,10 @@ def npz_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _to_tensor(arr: np.ndarray[Any, Any], path: Path) -> torch.Tensor:
+def _to_tensor(arr: np.ndarray[Any, Any], path: Path, what: str = "input") -> torch.Tensor:
     if arr.dtype.kind not in "fiub":
         raise InputError(
-            f"input {display(path)} has dtype {arr.dtype}, not a number type torch reads",
+            f"{what} {display(path)} has dtype {arr.dtype}, not a number type torch reads",
             "save a float, int or bool array",
         )
     if not arr.dtype.isnative:  # big-endian files: torch only takes native byte order
@@ -119,4 +121,4 @@ def _to_tensor(arr: np.ndarray[Any, Any], path: Path) -> torch.Tensor:
     try:
         return torch.from_numpy(np.ascontiguousarray(arr))
     except (TypeError, ValueError) as e:  # a dtype torch lacks
-        raise InputError(f"input {display(path)}: {reason(e)}", "save a float32 array") from None
+        raise InputError(f"{what} {display(path)}: {reason(e)}", "save a float32 array") from None

@@ -10,7 +10,6 @@ unpickle (`allow_pickle=False`) and their headers are checked against the file s
 from __future__ import annotations
 
 import difflib
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +20,9 @@ import numpy as np
 import torch
 
 from .errors import InputError, UsageError
-from .load import MAX_INPUT_BYTES, _check_file, _torch_load_safe
+from .load import _check_file, _torch_load_safe
+from .load_numpy import check_size, npy_header, npy_tensor
+from .loadsafe import display, open_archive, reason
 
 LAYOUTS = ("nchw", "nhwc", "auto")
 
@@ -111,28 +112,12 @@ def _npy_dir(path: Path) -> Mapping[str, torch.Tensor]:
 
 
 def _header(f: Any, path: Path, avail: int) -> None:
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    except (ValueError, OSError, SyntaxError, EOFError) as e:
-        raise InputError(f"reference {path} is not a valid .npy file ({e})", None) from None
-    if dtype.hasobject:
-        raise InputError(
-            f"reference {path} holds Python objects; loading them would unpickle",
-            "save a numeric array",
-        )
+    """Check a .npy header (of a file or an archive member) before anything is allocated."""
+    shown = display(path)
+    shape, dtype = npy_header(f, shown, "reference")
     if dtype.kind not in "fiu":
-        raise InputError(f"reference {path} has dtype {dtype}, not a number type", None)
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if nbytes > MAX_INPUT_BYTES or nbytes > avail - f.tell():
-        raise InputError(
-            f"reference {path}: header claims {tuple(shape)} {dtype} ({nbytes} bytes) but the file "
-            f"holds {max(avail - f.tell(), 0)} bytes",
-            "the file is truncated or forged; re-save it",
-        )
+        raise InputError(f"reference {shown} has dtype {dtype}, not a number type", None)
+    check_size(shape, dtype, avail - f.tell(), shown, "reference")
 
 
 def _check_npy(path: Path) -> None:
@@ -143,49 +128,42 @@ def _check_npy(path: Path) -> None:
 
 def _npy(path: Path) -> torch.Tensor:
     _check_npy(path)
-    with open(path, "rb") as f:
-        try:
-            arr = np.lib.format.read_array(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise InputError(f"reference {path} is not a valid .npy file ({e})", None) from None
-    return _tensor(arr, path)
+    return _tensor(npy_tensor(path, "reference").numpy(), path)
 
 
 def _npz(path: Path) -> Mapping[str, torch.Tensor]:
+    """Headers checked now (zip bombs refused from the central directory); arrays read lazily."""
     loaders: dict[str, Callable[[], torch.Tensor]] = {}
-    with _open_zip(path) as zf:
+    with open_archive(path, "reference") as zf:
         infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
         if not infos:
-            raise InputError(f"reference {path} holds no arrays", None)
+            raise InputError(f"reference {display(path)} holds no arrays", None)
         for info in infos:
-            if info.file_size > MAX_INPUT_BYTES or (
-                info.compress_size and info.file_size / info.compress_size > 1000
-            ):
-                raise InputError(f"reference {path}: member {info.filename} is too large", None)
             try:
                 with zf.open(info) as f:
                     _header(f, path, info.file_size)
-            except (OSError, EOFError, zipfile.BadZipFile) as e:
+            except InputError:
+                raise
+            except Exception as e:  # zipfile on damaged bytes: BadZipFile, CRC, EOF...
                 raise InputError(
-                    f"reference {path}: member {info.filename} is unreadable ({e})", None
+                    f"reference {display(path)}: member {info.filename} is unreadable "
+                    f"({reason(e)})",
+                    None,
                 ) from None
             loaders[info.filename[: -len(".npy")]] = partial(_npz_member, path, info.filename)
     return Arrays(loaders)
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise InputError(f"reference {path} is not a valid .npz file ({e})", None) from None
-
-
 def _npz_member(path: Path, member: str) -> torch.Tensor:
     try:
-        with _open_zip(path) as zf, zf.open(member) as f:
+        with open_archive(path, "reference") as zf, zf.open(member) as f:
             arr = np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise InputError(f"reference {path}: member {member} is unreadable ({e})", None) from None
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"reference {display(path)}: member {member} is unreadable ({reason(e)})", None
+        ) from None
     return _tensor(arr, path)
 
 

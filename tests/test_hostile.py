@@ -15,6 +15,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hardening_support import (
     ARCH,
@@ -299,3 +300,26 @@ def test_hostile_arguments(
     o = run_cli("run", model, *argv)
     assert_clean_outcome(o, (code,))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no stray or half-written file
+
+
+@pytest.mark.parametrize("kind", ["huge-npy", "huge-npz", "bomb-npz", "object-npz"])
+def test_hostile_reference_files_refused_before_allocating(tmp_path: Path, kind: str) -> None:
+    """--reference files get the same checks as inputs: one line, exit 3, nothing inflated."""
+    import zipfile
+
+    from bn_diff.reference import load_reference
+
+    if kind == "huge-npy":
+        path = tmp_path / "bn.npy"
+        path.write_bytes(forged_npy((10**6, 10**6)))
+    elif kind == "huge-npz":
+        path = tmp_path / "theirs.npz"
+        path.write_bytes(npz_of({"bn.npy": forged_npy((10**6, 10**6))}, zipfile.ZIP_DEFLATED))
+    elif kind == "bomb-npz":
+        path = tmp_path / "theirs.npz"
+        zip_bomb(path, "bn.npy", megabytes=64)
+    else:
+        path = tmp_path / "theirs.npz"
+        np.savez(path, bn=np.array([object()], dtype=object))
+    layer = "bn" if kind == "huge-npy" else None
+    assert _peak_bytes(lambda: load_reference(path, layer=layer)) < 4 << 20
