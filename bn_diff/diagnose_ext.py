@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from . import load as load_mod
 from . import pipeline
 from .capture import CONV_TYPES, BnCall, named_modules
 from .compare import resolve
 from .diagnose import diagnose
 from .errors import UsageError
+from .loadsafe import display
 from .recompute import F64, chunks
 from .reference import Reference, check_names, layouts, load_reference
 from .results import Finding, Hypothesis, LayerResult, RunReport, Tolerance
@@ -214,8 +214,9 @@ def run_files_with_reference(
 ) -> RunReport:
     """`bn-diff run MODEL INPUT --reference FILE`: `pipeline.run` plus the reference check."""
     ref = load_reference(reference, reference_layer, reference_layout)
-    model = load_mod.load_model(
-        model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath
+    model, inp = pipeline.load_model_and_inputs(
+        model_path, input_path, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
+        imports=imports, pythonpath=pythonpath, device=device,
     )
     bns = pipeline.bn_layer_names(model)
     convs = [n for n, m in named_modules(model) if isinstance(m, CONV_TYPES)]
@@ -230,20 +231,12 @@ def run_files_with_reference(
             else "`bn-diff layers MODEL` lists them",
         )
     check_names(ref, bns, convs)
-    inp = pipeline.load_inputs(input_path, input_shape, seed)
-    if device != "cpu":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(
-                "--device cuda asked for, but CUDA is not available here", "use --device cpu"
-            )
-        model = model.to(device)
-        inp = inp.to(device)
     check = ReferenceCheck(ref, pipeline.make_tolerance(kwargs.get("atol"), kwargs.get("rtol")))
     extensions = [*kwargs.pop("extensions", ()), check]
     report = pipeline.run(
         model,
         inp,
-        model_name=str(model_path),
+        model_name=display(model_path),
         input_name=inp.source,
         extensions=extensions,
         **kwargs,

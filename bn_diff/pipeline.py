@@ -383,13 +383,33 @@ def run_files(
     **kwargs: Any,
 ) -> RunReport:
     """`bn-diff run MODEL INPUT`: load both, then `run`."""
+    model, inp = load_model_and_inputs(
+        model_path, input_path, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
+        imports=imports, pythonpath=pythonpath, device=device,
+    )
+    return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
+
+
+def load_model_and_inputs(
+    model_path: Path,
+    input_path: Path | None,
+    *,
+    input_shape: str | None = None,
+    seed: int = 0,
+    arch: str | None = None,
+    trust: bool = False,
+    imports: Sequence[str] = (),
+    pythonpath: Sequence[str] = (),
+    device: str = "cpu",
+) -> tuple[nn.Module, load_mod.Inputs]:
+    """The load stage of `run`: the model and its inputs, both on `device`."""
     model = load_mod.load_model(model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath)
     inp = load_inputs(input_path, input_shape, seed)
     if device != "cpu":
         check_device(device)
         model = model.to(device)
         inp = inp.to(device)
-    return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
+    return model, inp
 
 
 def load_inputs(input_path: Path | None, input_shape: str | None, seed: int) -> load_mod.Inputs:
