@@ -196,8 +196,6 @@ def fused_pass(
     per, groups = plan(n, c, length, target)
     mode = "rows" if per == 1 and length >= ROW_MIN else ("fold1" if length == 1 else "fold")
     buf = _scratch(3 * min(target, n * c * length), dev)
-    zeros = torch.zeros(c, dtype=F64, device=dev)
-    ones = torch.ones(c, dtype=F64, device=dev)
     coef_all = None
     if not batch:
         assert rm is not None and rv is not None
@@ -225,11 +223,13 @@ def fused_pass(
             coef = (a, beta[cs] - a * mean_p)
         else:
             coef = (coef_all[0][cs], coef_all[1][cs])
+        coef = (coef[0].view(1, -1, 1), coef[1].view(1, -1, 1))
         for blk in group:
             b3 = _load_x(xv, buf, p3, blk) if len(group) > 1 else _bufs(buf, blk)
-            # batch norm in eval form with mean 0, var 1, eps 0 is exactly a·(x - p) + b'
-            e = torch.batch_norm(b3[0], coef[0], coef[1], zeros[cs], ones[cs], False, 0.0, 0.0,
-                                 False)
+            # e = a·(x - p) + b', into the scratch: no allocation per block (a fresh buffer per
+            # block, between long-lived small tensors, fragments the heap by a block each time)
+            e = torch.mul(b3[0], coef[0], out=b3[2])
+            e.add_(coef[1])
             r = b3[1]
             r.copy_(yv[blk.ns, blk.cs, blk.ls])
             r.sub_(e)
