@@ -18,13 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from .compare import Comparison, compare, resolve, rounding_allowance
-from .fused import Partials
+from .fused import Partials, runs
 from .recompute import F64, Moments, channel_moments
 from .results import Tolerance
 
-PIVOT_RATIO = 16.0
-"""Statistics are redone by the reference when (mean - pivot)² > PIVOT_RATIO·var: beyond that
-the pivoted sums would lose more than a few float64 digits to cancellation."""
 MARGIN_ULPS = 4096.0
 """Float64 epsilons of the channel's magnitudes between its max |Δ| and its tolerance for the
 channel to count as clean without an elementwise comparison (covers the different rounding of
@@ -78,9 +75,7 @@ def verdict(
 ) -> FusedResult:
     n, c, length = (int(s) for s in xv.shape)
     m = n * length
-    s1, s2 = part.s1.sum(0), part.s2.sum(0)
-    mean_p = s1 / m
-    var_b = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
+    mean_p, var_b = part.stats(m)
     mom = Moments(
         mean=part.pivot + mean_p,
         var=var_b,
@@ -94,7 +89,7 @@ def verdict(
         torch.isfinite(mom.mean) & torch.isfinite(var_b) & torch.isfinite(mom.min)
         & torch.isfinite(mom.max)
     )
-    flagged = ~finite | (mean_p * mean_p > PIVOT_RATIO * var_b)
+    flagged = ~finite | part.poorly_pivoted(m)
     mean_u, var_u = (mom.mean, var_b) if batch else (rm, rv)
     assert mean_u is not None and var_u is not None
     atol, rtol = resolve(tol, y.dtype)
@@ -109,7 +104,7 @@ def verdict(
     exact = torch.nonzero(~clean).flatten().tolist()
     if exact:
         mom, mean_u, var_u, allow = _exact(
-            x, y, _runs(exact), mom, mean_u, var_u, batch, gamma, beta, eps, tol, atol, rtol,
+            x, y, runs(exact), mom, mean_u, var_u, batch, gamma, beta, eps, tol, atol, rtol,
             ch_max, ch_cnt, best_abs, best_rel,
         )
     ctx = _Ctx(xv, yv, mean_u, var_u, gamma, beta, eps, tuple(int(s) for s in x.shape))
@@ -130,17 +125,6 @@ def verdict(
         max_rel_index=rel_i,
     )
     return FusedResult(mom, mean_u, var_u, allow, cmp, len(exact))
-
-
-def _runs(idx: list[int]) -> list[tuple[int, int]]:
-    """Sorted channel indices as [start, stop) runs of consecutive channels."""
-    runs: list[tuple[int, int]] = []
-    for i in idx:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 def _exact(
@@ -173,7 +157,8 @@ def _exact(
     for c0, c1 in runs:
         ref = whole if whole is not None else channel_moments(x[:, c0:c1])
         s = slice(c0, c1) if whole is not None else slice(None)
-        mean[c0:c1], var[c0:c1], lo[c0:c1], hi[c0:c1] = ref.mean[s], ref.var[s], ref.min[s], ref.max[s]
+        mean[c0:c1], var[c0:c1] = ref.mean[s], ref.var[s]
+        lo[c0:c1], hi[c0:c1] = ref.min[s], ref.max[s]
     mom = Moments(mean=mean, var=var, min=lo, max=hi, count=mom.count)
     if batch:
         mean_u, var_u = mean, var

@@ -214,6 +214,25 @@ def test_cancellation_prone_statistics_are_float64_accurate() -> None:
 
 
 @pytest.mark.parametrize("train", [True, False])
+def test_a_poor_pivot_is_summed_again_not_sent_to_the_reference(train: bool) -> None:
+    """Values at the positions the pivot is sampled from sit far from the rest (0 among
+    1000 ± 0.1): the first sums lose digits, so the channel is summed again around its mean."""
+    case = make_case((8, 2, 16, 16), torch.float32, train, 5, 1000.0, 0.1)
+    x = case["x"]
+    assert isinstance(x, torch.Tensor)
+    x = x.clone()
+    x.view(8, 2, 256)[::2, :, ::32] = 0.0  # exactly where fused._pivot samples
+    pdt = torch.float32
+    case["x"] = x
+    case["y"] = F.batch_norm(x, case["rm"].to(pdt), case["rv"].to(pdt),  # type: ignore[union-attr]
+                             case["gamma"].to(pdt), case["beta"].to(pdt), train, 0.0, 1e-5)  # type: ignore[union-attr]
+    xv = fused.view3(x)
+    assert xv is not None and float(fused._pivot(xv)[0]) < 10  # the sample is all zeros
+    fast = assert_same(case, make_tolerance(None, None))
+    assert fast.exact_channels == 0
+
+
+@pytest.mark.parametrize("train", [True, False])
 def test_nan_and_inf_follow_the_reference(train: bool) -> None:
     case = make_case((4, 5, 3, 3), torch.float32, train, 0)
     x, y = case["x"], case["y"]
