@@ -32,10 +32,10 @@ from .results import Tolerance
 if TYPE_CHECKING:
     from .fused_verdict import FusedResult
 
-CPU_BLOCK = 1 << 17
+CPU_BLOCK = 1 << 18
 """Elements per block and CPU thread (up to 4 threads): per thread, three float64 buffers of
-1 MiB stay near the core's L2 cache, and each torch call gets enough work to amortise its
-dispatch and its fork/join across threads."""
+2 MiB stay in the core's L2 and the shared L3 cache, and each torch call gets enough work to
+amortise its dispatch and its fork/join across threads (measured: smaller blocks are slower)."""
 CUDA_BLOCK = 1 << 24
 """Elements per block on a GPU (three float64 buffers of 128 MiB): few blocks per layer, since
 each kernel launch costs more than cache locality gains there."""
@@ -49,6 +49,7 @@ PIVOT_RATIO = 16.0
 that, Σ(x - p)² - (Σ(x - p))²/m would lose more than a few float64 digits to cancellation."""
 
 _local = threading.local()
+_BN_OUT = torch.ops.aten.native_batch_norm.out
 
 
 def block_elems(device: torch.device) -> int:
@@ -163,7 +164,7 @@ class Partials:
     s2: torch.Tensor
     """(slots, C) float64: Σ(x - p)² per slot."""
     hi: torch.Tensor
-    """(2, slots, C) float64: max of y - e and of (y - e)/e (NaN after a 0/0)."""
+    """(2, slots, C) float64: max of y - e and of (y - e)/(-e) (NaN where 0/0 occurred)."""
     lo: torch.Tensor
     """(2, slots, C) float64: the minima."""
     xmin: torch.Tensor
@@ -188,7 +189,7 @@ class Partials:
         """Put `other`, a pass over channels cs only, in place of those channels."""
         self.pivot[cs] = other.pivot
         self.s1[:, cs], self.s2[:, cs] = other.s1, other.s2
-        self.hi[:, :, cs], self.lo[:, :, cs] = other.hi, other.lo
+        self.hi[..., cs], self.lo[..., cs] = other.hi, other.lo
         self.xmin[cs], self.xmax[cs] = other.xmin, other.xmax
 
     def slot_region(self, slot: int, n: int, length: int) -> tuple[slice, slice]:
@@ -222,11 +223,16 @@ def fused_pass(
     per, groups = plan(n, c, length, target)
     mode = "rows" if per == 1 and length >= ROW_MIN else ("fold1" if length == 1 else "fold")
     buf = _scratch(3 * min(target, n * c * length), dev)
+    zeros = torch.zeros(c, dtype=F64, device=dev)
+    ones = torch.ones(c, dtype=F64, device=dev)
+    nothing = torch.empty(0, dtype=F64, device=dev)
+    nothing2 = torch.empty(0, dtype=F64, device=dev)
     coef_all = None
     if not batch:
         assert rm is not None and rv is not None
         a_all = gamma / torch.sqrt(rv + eps)
-        coef_all = (a_all, beta - a_all * (rm - pivot))
+        coef_all = (-a_all, a_all * (rm - pivot) - beta)  # of -e: x - p -> -a·(x - p) - b'
+
     s1s: list[torch.Tensor] = []
     s2s: list[torch.Tensor] = []
     his: list[torch.Tensor] = []
@@ -246,46 +252,43 @@ def fused_pass(
             mean_p = gs1 / m
             var = torch.clamp_min(gs2 - gs1 * mean_p, 0.0) / m
             a = gamma[cs] / torch.sqrt(var + eps)
-            coef = (a, beta[cs] - a * mean_p)
+            coef = (-a, a * mean_p - beta[cs])
         else:
             coef = (coef_all[0][cs], coef_all[1][cs])
-        coef = (coef[0].view(1, -1, 1), coef[1].view(1, -1, 1))
         for blk in group:
             b3 = _load_x(xv, buf, p3, blk) if len(group) > 1 else _bufs(buf, blk)
-            # e = a·(x - p) + b', into the scratch: no allocation per block (a fresh buffer per
-            # block, between long-lived small tensors, fragments the heap by a block each time)
-            e = torch.mul(b3[0], coef[0], out=b3[2])
-            e.add_(coef[1])
+            # -e = -a·(x - p) - b' (batch norm in eval form: mean 0, var 1, eps 0), written into
+            # the scratch: a fresh buffer per block, between long-lived small tensors, would
+            # fragment the heap by a block each time
+            _BN_OUT(b3[0], coef[0], coef[1], zeros[cs], ones[cs], False, 0.0, 0.0, out=b3[2],
+                    save_mean=nothing, save_invstd=nothing2)
             r = b3[1]
             r.copy_(yv[blk.ns, blk.cs, blk.ls])
-            r.sub_(e)
-            torch.div(r, e, out=b3[2])
-            hi, lo = _extremes(b3[1:], mode)
-            his.append(hi)
-            los.append(lo)
+            r.add_(b3[2])  # y - e
+            torch.div(r, b3[2], out=b3[2])  # (y - e)/(-e)
+            rq = b3[1:]
+            his.append(_extremes(rq, mode, torch.amax))
+            los.append(_extremes(rq, mode, torch.amin))
             xb = xv[blk.ns, blk.cs, blk.ls]
-            xmaxs.append(_xextreme(xb, mode, torch.amax))
-            xmins.append(_xextreme(xb, mode, torch.amin))
-    if per == 1:
-        s1_all, s2_all = torch.cat(s1s, 1), torch.cat(s2s, 1)
-        hi_all, lo_all = torch.cat(his, 2), torch.cat(los, 2)
-        xmax, xmin = torch.cat(xmaxs, 1), torch.cat(xmins, 1)
-    else:  # one (1, 1) piece per block, channel-major
-        s1_all = torch.cat(s1s).reshape(c, per).T
-        s2_all = torch.cat(s2s).reshape(c, per).T
-        hi_all = torch.cat(his, 1).reshape(2, c, per).transpose(1, 2)
-        lo_all = torch.cat(los, 1).reshape(2, c, per).transpose(1, 2)
-        xmax = torch.cat(xmaxs).reshape(c, per).T
-        xmin = torch.cat(xmins).reshape(c, per).T
+            xmaxs.append(_extremes(xb, mode, torch.amax))
+            xmins.append(_extremes(xb, mode, torch.amin))
+    def slots(parts: list[torch.Tensor]) -> torch.Tensor:
+        """(..., slots, C) from one (..., slots, cb) piece per block, in block order."""
+        if per == 1:
+            return torch.cat(parts, -1)
+        # one (..., 1, 1) piece per block, channel-major
+        cat = torch.cat(parts, -2)
+        return cat.reshape(*cat.shape[:-2], c, per).transpose(-1, -2)
+
     return Partials(
         layout="split" if per > 1 else ("rows" if mode == "rows" else "fold"),
         pivot=pivot,
-        s1=s1_all,
-        s2=s2_all,
-        hi=hi_all,
-        lo=lo_all,
-        xmin=xmin.amin(0).to(F64),
-        xmax=xmax.amax(0).to(F64),
+        s1=slots(s1s),
+        s2=slots(s2s),
+        hi=slots(his),
+        lo=slots(los),
+        xmin=slots(xmins).amin(0).to(F64),
+        xmax=slots(xmaxs).amax(0).to(F64),
         target=target,
     )
 
@@ -325,21 +328,12 @@ def _sums(b3: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x2.sum(0, keepdim=True), sq.sum(0, keepdim=True)
 
 
-def _extremes(rq: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, min) of (y - e, (y - e)/e), stacked as (2, nb, cb, lb), per slot: (2, slots, cb)."""
+def _extremes(t: torch.Tensor, mode: str, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """amax or amin of a (..., nb, cb, lb) block per slot: (..., nb, cb) for "rows", else
+    (..., 1, cb)."""
     if mode == "rows":
-        return rq.amax(3), rq.amin(3)
-    if mode == "fold":
-        return rq.amax(3).amax(1, keepdim=True), rq.amin(3).amin(1, keepdim=True)
-    r2 = rq[:, :, :, 0]
-    return r2.amax(1, keepdim=True), r2.amin(1, keepdim=True)
-
-
-def _xextreme(xb: torch.Tensor, mode: str, op: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """amax or amin of the block of x itself, per slot: (slots, cb)."""
-    if mode == "rows":
-        return op(xb, 2)
-    return op(xb, (0, 2)).unsqueeze(0)
+        return op(t, -1)
+    return op(t, (-3, -1)).unsqueeze(-2)
 
 
 def fused_check(

@@ -28,6 +28,8 @@ channel to count as clean without an elementwise comparison (covers the differen
 the fused and the reference arithmetic, statistics included)."""
 MAX_TIES = 8
 """Regions that tie (within rounding) for the greatest difference and are searched exactly."""
+BATCH_ELEMS = 1 << 18
+"""At most this many elements are gathered at once to search regions (memory stays bounded)."""
 
 _EPS64 = float(torch.finfo(F64).eps)
 Candidates = list[tuple[float, tuple[int, ...]]]
@@ -110,7 +112,7 @@ def verdict(
     ctx = _Ctx(xv, yv, mean_u, var_u, gamma, beta, eps, tuple(int(s) for s in x.shape))
     if exact != list(range(c)):
         _locate_abs(ctx, part, torch.where(clean, r_slot, -1.0), margin, ch_max, best_abs)
-        _locate_rel(ctx, part, r_slot, best_rel)
+        _locate_rel(ctx, part, r_slot, clean, best_rel)
     zero = (0,) * x.dim()
     abs_v, abs_i = _pick(best_abs, zero)
     rel_v, rel_i = _pick(best_rel, zero)
@@ -196,33 +198,35 @@ def _locate_abs(
     tie = top if top == float("inf") else top - float(margin.max().item())
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     found: dict[int, float] = {}
-    for slot, ch in _first(torch.nonzero(score >= tie).tolist(), part, n, length):
-        ns, ls = part.slot_region(slot, n, length)
-        value, idx = _region_max(ctx, ns, slice(ch, ch + 1), ls, rel=False)
+    slots = _first(torch.nonzero(score >= tie).tolist(), part, n, length)
+    for (_, ch), (value, idx) in zip(slots, _eval_slots(ctx, part, slots, rel=False), strict=True):
         found[ch] = max(found.get(ch, 0.0), value)
         best.append((value, idx))
     for ch, value in found.items():
         ch_max[ch] = value
 
 
-def _locate_rel(ctx: _Ctx, part: Partials, r_slot: torch.Tensor, best: Candidates) -> None:
-    """The greatest relative |Δ|, located on the regions that can hold it."""
+def _locate_rel(
+    ctx: _Ctx, part: Partials, r_slot: torch.Tensor, clean: torch.Tensor, best: Candidates
+) -> None:
+    """The greatest relative |Δ| of the clean channels, located on the regions that can hold
+    it (those within 1e-9 of the greatest, or where a 0/0 hides the value)."""
     q = torch.maximum(part.hi[1], -part.lo[1])
     # a region whose residuals are all 0 has relative differences 0, even where 0/0 occurred
     q = torch.where(r_slot == 0, torch.zeros_like(q), q)
-    unknown = torch.isnan(q)
-    known = q.nan_to_num(nan=-1.0)
+    unknown = q.isnan() & clean
+    known = torch.where(clean, q.nan_to_num(nan=-1.0), torch.full_like(q, -1.0))
     top = float(known.max().item())
     if top <= 0 and not bool(unknown.any()):
-        best.append((0.0, (0,) * len(ctx.shape)))
+        if top == 0:
+            best.append((0.0, (0,) * len(ctx.shape)))
         return
     tie = top if top == float("inf") else top - top * 1e-9
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     hits = torch.nonzero(unknown | (known >= tie)).tolist()
     limit = max(MAX_TIES, int(unknown.sum().item()))
-    for slot, ch in _first(hits, part, n, length, limit):
-        ns, ls = part.slot_region(slot, n, length)
-        best.append(_region_max(ctx, ns, slice(ch, ch + 1), ls, rel=True))
+    slots = _first(hits, part, n, length, limit)
+    best.extend(_eval_slots(ctx, part, slots, rel=True))
 
 
 def _first(
@@ -236,6 +240,71 @@ def _first(
         return (int(ns.start), sc[1], int(ls.start))
 
     return [(s, ch) for s, ch in sorted(cand, key=key)[:limit]]
+
+
+def _eval_slots(
+    ctx: _Ctx, part: Partials, slots: list[tuple[int, int]], rel: bool
+) -> list[tuple[float, tuple[int, ...]]]:
+    """The greatest |Δ| (or relative |Δ|) of each (slot, channel) region, and where it is.
+
+    Regions of one size ("rows": one sample's plane; "fold": all samples) are gathered and
+    searched together, a bounded number of elements at a time; "split" ones one by one."""
+    n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
+    if part.layout == "split" or not slots:
+        out = []
+        for slot, ch in slots:
+            ns, ls = part.slot_region(slot, n, length)
+            out.append(_region_max(ctx, ns, slice(ch, ch + 1), ls, rel))
+        return out
+    size = length if part.layout == "rows" else n * length
+    step = max(1, BATCH_ELEMS // size)
+    out = []
+    for k in range(0, len(slots), step):
+        part_slots = slots[k : k + step]
+        chs = torch.tensor([ch for _, ch in part_slots], device=ctx.xv.device)
+        if part.layout == "rows":
+            rows = torch.tensor([s for s, _ in part_slots], device=ctx.xv.device)
+            xr, yr = ctx.xv[rows, chs], ctx.yv[rows, chs]  # (K, L)
+        else:
+            xr = ctx.xv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
+            yr = ctx.yv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
+        d = _diff(xr.to(F64), yr.to(F64), ctx.mean[chs], ctx.var[chs], ctx.gamma[chs],
+                  ctx.beta[chs], ctx.eps, rel)
+        values, where = d.max(dim=1)
+        for (slot, ch), v, w in zip(part_slots, values.tolist(), where.tolist(), strict=True):
+            sample, pos = (slot, w) if part.layout == "rows" else divmod(w, length)
+            out.append((v, (sample, ch, *_unflat(pos, ctx.shape[2:]))))
+    return out
+
+
+def _diff(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    rel: bool,
+) -> torch.Tensor:
+    """|y - e| (or |y - e|/|e|) of (K, M) float64 rows, each with its channel's (K,) parameters,
+    with `compare`'s arithmetic (same operations in the same order) and conventions."""
+    e = (x - mean[:, None]) / torch.sqrt(var[:, None] + eps)
+    e = e * gamma[:, None] + beta[:, None]
+    zero = torch.zeros((), dtype=F64, device=x.device)
+    d = (y - e).abs()
+    d = torch.where((y == e) | (y.isnan() & e.isnan()), zero, d).nan_to_num(nan=float("inf"))
+    if rel:
+        d = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
+    return d
+
+
+def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    out: list[int] = []
+    for s in reversed(spatial):
+        out.append(pos % s)
+        pos //= s
+    return tuple(reversed(out))
 
 
 def _region_max(

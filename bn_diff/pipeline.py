@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import gc
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -307,7 +309,7 @@ def run(
             progress(len(results), len(names), call.name)
 
     try:
-        with torch.no_grad(), Capture(model, on_bn, mode=mode):
+        with torch.no_grad(), Capture(model, on_bn, mode=mode), paused_gc():
             model(*inp.args, **inp.kwargs)
     except _HookFailure as e:
         assert e.__cause__ is not None
@@ -331,6 +333,20 @@ def run(
         device=str(next((t.device for t in inp.tensors()), "cpu")),
         fail_on=fail_on,  # type: ignore[arg-type]
     )
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for one checked forward: the checks create tens of
+    thousands of small result objects (no cycles), which otherwise trigger full collections
+    over every Python object of the process (tens of ms, at random)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def run_device(model: nn.Module, inp: load_mod.Inputs) -> str:
