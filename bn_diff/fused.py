@@ -178,12 +178,11 @@ class Partials:
         mean_p = s1 / m
         return mean_p, torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
 
-    def poorly_pivoted(self, m: int) -> torch.Tensor:
+    @staticmethod
+    def poorly_pivoted(mean_p: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """(C,) bool: finite statistics summed around a pivot more than sqrt(PIVOT_RATIO)
         standard deviations from the mean, where the sums lose digits to cancellation."""
-        mean_p, var = self.stats(m)
-        finite = torch.isfinite(mean_p) & torch.isfinite(var)
-        return finite & (mean_p * mean_p > PIVOT_RATIO * var)
+        return torch.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
 
     def splice(self, cs: slice, other: Partials) -> None:
         """Put `other`, a pass over channels cs only, in place of those channels."""
@@ -369,16 +368,18 @@ def fused_check(
     with torch.no_grad():
         part = fused_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target)
         m = int(xv.shape[0] * xv.shape[2])
-        redo = torch.nonzero(part.poorly_pivoted(m)).flatten().tolist()
+        mean_p, var = part.stats(m)
+        redo = torch.nonzero(part.poorly_pivoted(mean_p, var)).flatten().tolist()
         if redo:  # rare: sum those channels again around the mean the first pass found
-            better = part.pivot + part.stats(m)[0]
+            better = part.pivot + mean_p
             for c0, c1 in runs(redo):
                 cs = slice(c0, c1)
                 sub = fused_pass(xv[:, cs], yv[:, cs], gamma[cs], beta[cs],
                                  None if rm is None else rm[cs], None if rv is None else rv[cs],
                                  batch, eps, target, pivot=better[cs])
                 part.splice(cs, sub)
-        return verdict(x, y, xv, yv, part, gamma, beta, rm, rv, batch, eps, tol)
+            mean_p, var = part.stats(m)
+        return verdict(x, y, xv, yv, part, (mean_p, var), gamma, beta, rm, rv, batch, eps, tol)
 
 
 def runs(idx: list[int]) -> list[tuple[int, int]]:

@@ -67,6 +67,7 @@ def verdict(
     xv: torch.Tensor,
     yv: torch.Tensor,
     part: Partials,
+    stats: tuple[torch.Tensor, torch.Tensor],
     gamma: torch.Tensor,
     beta: torch.Tensor,
     rm: torch.Tensor | None,
@@ -75,9 +76,10 @@ def verdict(
     eps: float,
     tol: Tolerance,
 ) -> FusedResult:
+    """`stats`: (mean - pivot, biased variance) per channel, as `Partials.stats` gives them."""
     n, c, length = (int(s) for s in xv.shape)
     m = n * length
-    mean_p, var_b = part.stats(m)
+    mean_p, var_b = stats
     mom = Moments(
         mean=part.pivot + mean_p,
         var=var_b,
@@ -87,11 +89,8 @@ def verdict(
     )
     r_slot = torch.maximum(part.hi[0], -part.lo[0])
     r_ch = r_slot.amax(0)
-    finite = (
-        torch.isfinite(mom.mean) & torch.isfinite(var_b) & torch.isfinite(mom.min)
-        & torch.isfinite(mom.max)
-    )
-    flagged = ~finite | part.poorly_pivoted(m)
+    finite = torch.stack([mom.mean, var_b, mom.min, mom.max]).isfinite().all(0)
+    flagged = ~finite | part.poorly_pivoted(mean_p, var_b)
     mean_u, var_u = (mom.mean, var_b) if batch else (rm, rv)
     assert mean_u is not None and var_u is not None
     atol, rtol = resolve(tol, y.dtype)

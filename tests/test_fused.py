@@ -321,3 +321,30 @@ def test_run_on_a_network_matches_the_reference_everywhere(monkeypatch: pytest.M
                 assert math.isclose(cf["batch_mean"], cr["batch_mean"], rel_tol=1e-9, abs_tol=1e-12)
                 assert math.isclose(cf["batch_var"], cr["batch_var"], rel_tol=1e-9)
                 assert math.isclose(cf["max_abs_diff"], cr["max_abs_diff"], rel_tol=1e-6, abs_tol=1e-13)
+
+
+def test_block_sizes_per_device() -> None:
+    """On a GPU the blocks are large (few kernel launches); on CPU they follow the threads."""
+    assert fused.block_elems(torch.device("cuda")) == fused.CUDA_BLOCK
+    assert fused.block_elems(torch.device("cpu")) == fused.CPU_BLOCK * min(4, max(1, torch.get_num_threads()))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_block_configuration_on_cpu(train: bool) -> None:
+    """The configuration a CUDA tensor gets (one block per layer here), exercised on CPU."""
+    case = make_case((6, 10, 9, 11), torch.float32, train, 4)
+    y = case["y"]
+    assert isinstance(y, torch.Tensor)
+    y = y.clone()
+    y[2, 3, 4, 5] += 0.01
+    case["y"] = y
+    fast = assert_same(case, make_tolerance(None, None), target=fused.CUDA_BLOCK)
+    assert fast.comparison.max_abs_index == (2, 3, 4, 5) and fast.exact_channels == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_on_cuda_equals_reference(train: bool) -> None:
+    case = make_case((4, 6, 7, 7), torch.float32, train, 6)
+    case = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    assert_same(case, make_tolerance(None, None))
