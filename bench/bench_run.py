@@ -124,8 +124,20 @@ def child(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mib()
     print(json.dumps({"peak_mib": peak}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss survives
+    fork+exec, so a child would report its (large) parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def help_time() -> tuple[float, float]:
@@ -229,7 +241,7 @@ def main() -> None:
                      f"**{r['ratio']:.2f}x** | {per} | {cpu} |")
         del net
     if not args.no_memory:
-        what = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS (ru_maxrss)"
+        what = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
         emit("")
         emit(f"### Memory: {what} of a fresh process doing one forward")
         emit("")

@@ -3,18 +3,20 @@
 The reference path (`recompute.channel_moments`, then `compare.compare`) walks x twice and makes
 several float64 temporaries per element. This module gives the same answer with one walk: each
 block of at most `block_elems(device)` elements of x and y is converted to float64 once, into a
-reused scratch buffer, and gives per channel (and per sample when planes are large)
-  Σ(x - p), Σ(x - p)², min x, max x      (the batch statistics; p a pivot per channel)
-  max and min of y - e                    (e = a·x + b, the by-hand output)
-and per block the max and min of (y - e)/e. All of it is float64: a channel's max |Δ| is the
-reference's up to float64 rounding. `fused_verdict` turns these partial results into the
-statistics and the `Comparison`, and sends the channels where rounding could matter (near their
-tolerance, non-finite, cancellation-prone) through the reference path.
+reused scratch buffer, and gives per slot (one sample's plane when planes are large, else all
+samples of a channel, or one block of a huge plane) and channel
+  Σ(x - p), Σ(x - p)², min x, max x        (the batch statistics; p a pivot per channel)
+  max and min of y - e and of (y - e)/e     (e = a·(x - p) + b', the by-hand output)
+All of it is float64: a channel's max |Δ| is the reference's up to float64 rounding.
+`fused_verdict` turns these partial results into the statistics and the `Comparison`, and sends
+the channels where rounding could matter (near their tolerance, non-finite) through the
+reference path; channels whose pivot was poor are summed again around their mean first.
 
 Blocks are channel-major: a channel's statistics are complete before its comparison starts, so
 in train mode (statistics from the batch) x is converted once per block, as in eval mode,
 whenever a channel fits in one block. Only bounded scratch is allocated, never a float64 twin:
-at most three float64 buffers of `block_elems` elements, per thread and device.
+three float64 buffers of `block_elems` elements per thread and device, and per-slot partial
+results (a few float64 per (sample, channel) plane of >= ROW_MIN values, else per channel).
 """
 
 from __future__ import annotations

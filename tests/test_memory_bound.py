@@ -155,7 +155,11 @@ def test_a_huge_activation_gets_no_float64_twin(tmp_path: Path) -> None:
         from bn_diff.fused import fused_check
         from bn_diff.pipeline import make_tolerance
         F64 = torch.float64
-        def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+        def rss():  # peak RSS in MiB; VmHWM, since ru_maxrss survives fork+exec
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         x = torch.randn(1, 1, 8192, 8192)
         y = x * 0.5  # eval BN with var 3, mean 0: honest, then faulty
         rm, rv = torch.zeros(1, dtype=F64), torch.full((1,), 3.0 - 1e-5, dtype=F64)
