@@ -77,7 +77,9 @@ def timed(fn: Any, device: str) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def time_pairs(net: Any, name: str, batch: int, mode: str, pairs: int, device: str) -> dict[str, Any]:
+def time_pairs(
+    net: Any, name: str, batch: int, mode: str, pairs: int, device: str
+) -> dict[str, Any]:
     import torch
 
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
@@ -102,11 +104,28 @@ def time_pairs(net: Any, name: str, batch: int, mode: str, pairs: int, device: s
     }
 
 
-def peak_child(name: str, batch: int, mode: str, what: str, state: Path, args: argparse.Namespace) -> float:
+def peak_child(
+    name: str, batch: int, mode: str, what: str, state: Path, args: argparse.Namespace
+) -> float:
     """Peak memory (MiB) of a fresh process that does one forward (`what` = plain or run)."""
-    cmd = [sys.executable, __file__, "--child", what, "--models", name, "--batches", str(batch),
-           "--modes", mode, "--state", str(state), "--threads", str(args.threads),
-           "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        what,
+        "--models",
+        name,
+        "--batches",
+        str(batch),
+        "--modes",
+        mode,
+        "--state",
+        str(state),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
 
@@ -145,8 +164,13 @@ def help_time() -> tuple[float, float]:
 
     def once(cmd: list[str]) -> float:
         t = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run(
+            cmd,
+            capture_output=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         return time.perf_counter() - t
 
     helps = [once([sys.executable, "-m", "bn_diff", "--help"]) for _ in range(5)]
@@ -159,14 +183,22 @@ def machine(args: argparse.Namespace) -> list[str]:
 
     cpu = "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     mem = ""
     try:
-        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                       if line.startswith("MemTotal")))
+        kib = int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
         mem = f", {kib / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         pass
@@ -182,13 +214,16 @@ def machine(args: argparse.Namespace) -> list[str]:
         lines.append(
             f"- GPU: {torch.cuda.get_device_name()}; TF32 for convolutions "
             f"(torch.backends.cudnn.allow_tf32): {torch.backends.cudnn.allow_tf32}; TF32 for "
-            f"matmul (torch.backends.cuda.matmul.allow_tf32): {torch.backends.cuda.matmul.allow_tf32}"
+            "matmul (torch.backends.cuda.matmul.allow_tf32): "
+            f"{torch.backends.cuda.matmul.allow_tf32}"
         )
     return lines
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="batch 1 and 8, 3 pairs")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -224,7 +259,10 @@ def main() -> None:
 
     emit(f"### Time: median of {args.pairs} alternating pairs after a warm-up pair")
     emit("")
-    emit("| model | batch | mode | plain (s) | bn-diff run (s) | ratio | ratio per pair | CPU-time ratio |")
+    emit(
+        "| model | batch | mode | plain (s) | bn-diff run (s) | ratio | ratio per pair "
+        "| CPU-time ratio |"
+    )
     emit("|---|---|---|---|---|---|---|---|")
     states: dict[str, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bn-diff-bench-"))
@@ -237,8 +275,10 @@ def main() -> None:
                 r = time_pairs(net, name, batch, mode, args.pairs, args.device)
                 cpu = "—" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}x"
                 per = " ".join(f"{v:.2f}" for v in r["ratios"])
-                emit(f"| {name} | {batch} | {mode} | {r['plain']:.3f} | {r['run']:.3f} | "
-                     f"**{r['ratio']:.2f}x** | {per} | {cpu} |")
+                emit(
+                    f"| {name} | {batch} | {mode} | {r['plain']:.3f} | {r['run']:.3f} | "
+                    f"**{r['ratio']:.2f}x** | {per} | {cpu} |"
+                )
         del net
     if not args.no_memory:
         what = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
@@ -255,8 +295,10 @@ def main() -> None:
                     emit(f"| {name} | {batch} | {mode} | {p:.0f} | {r:.0f} | **{r / p:.2f}x** |")
     h, t = help_time()
     emit("")
-    emit(f"### `bn-diff --help`: {h * 1000:.0f} ms wall (median of 5); `python -c 'import torch'` "
-         f"alone takes {t * 1000:.0f} ms")
+    emit(
+        f"### `bn-diff --help`: {h * 1000:.0f} ms wall (median of 5); `python -c 'import torch'` "
+        f"alone takes {t * 1000:.0f} ms"
+    )
     emit(f"- load average at the end: {' / '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.markdown:
         args.markdown.write_text("\n".join(out) + "\n")

@@ -16,7 +16,7 @@ from .results import Finding
 
 
 def device_type(tensors: Iterable[torch.Tensor]) -> str:
-    """"cuda" when any tensor is on a CUDA device, else the first one's device type ("cpu")."""
+    """ "cuda" when any tensor is on a CUDA device, else the first one's device type ("cpu")."""
     first = "cpu"
     for i, t in enumerate(tensors):
         if t.device.type == "cuda":

@@ -105,8 +105,23 @@ def verdict(
     exact = torch.nonzero(~clean).flatten().tolist()
     if exact:
         mom, mean_u, var_u, allow = _exact(
-            x, y, runs(exact), mom, mean_u, var_u, batch, gamma, beta, eps, tol, atol, rtol,
-            ch_max, ch_cnt, best_abs, best_rel,
+            x,
+            y,
+            runs(exact),
+            mom,
+            mean_u,
+            var_u,
+            batch,
+            gamma,
+            beta,
+            eps,
+            tol,
+            atol,
+            rtol,
+            ch_max,
+            ch_cnt,
+            best_abs,
+            best_rel,
         )
     ctx = _Ctx(xv, yv, mean_u, var_u, gamma, beta, eps, tuple(int(s) for s in x.shape))
     if exact != list(range(c)):
@@ -166,8 +181,18 @@ def _exact(
     allow = rounding_allowance(tol, y.dtype, mom, mean_u, var_u, gamma, beta, eps)
     for c0, c1 in runs:
         cs = slice(c0, c1)
-        cmp = compare(x[:, cs], y[:, cs], mean_u[cs], var_u[cs], gamma[cs], beta[cs], eps, atol,
-                      rtol, allow[cs])
+        cmp = compare(
+            x[:, cs],
+            y[:, cs],
+            mean_u[cs],
+            var_u[cs],
+            gamma[cs],
+            beta[cs],
+            eps,
+            atol,
+            rtol,
+            allow[cs],
+        )
         ch_max[cs] = cmp.channel_max_abs
         ch_cnt[cs] = cmp.channel_mismatched
         best_abs.append((cmp.max_abs_diff, _shift(cmp.max_abs_index, c0)))
@@ -267,8 +292,16 @@ def _eval_slots(
         else:
             xr = ctx.xv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
             yr = ctx.yv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
-        d = _diff(xr.to(F64), yr.to(F64), ctx.mean[chs], ctx.var[chs], ctx.gamma[chs],
-                  ctx.beta[chs], ctx.eps, rel)
+        d = _diff(
+            xr.to(F64),
+            yr.to(F64),
+            ctx.mean[chs],
+            ctx.var[chs],
+            ctx.gamma[chs],
+            ctx.beta[chs],
+            ctx.eps,
+            rel,
+        )
         values, where = d.max(dim=1)
         for (slot, ch), v, w in zip(part_slots, values.tolist(), where.tolist(), strict=True):
             sample, pos = (slot, w) if part.layout == "rows" else divmod(w, length)

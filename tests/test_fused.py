@@ -45,8 +45,17 @@ def make_case(
 def both(
     case: dict[str, object], tol: Tolerance, target: int | None = None
 ) -> tuple[fused.FusedResult, tuple[object, torch.Tensor, object]]:
-    args = (case["x"], case["y"], case["gamma"], case["beta"], case["rm"], case["rv"],
-            case["train"], 1e-5, tol)
+    args = (
+        case["x"],
+        case["y"],
+        case["gamma"],
+        case["beta"],
+        case["rm"],
+        case["rv"],
+        case["train"],
+        1e-5,
+        tol,
+    )
     fast = fused_check(*args, target=target)  # type: ignore[arg-type]
     assert fast is not None
     return fast, reference_check(*args)  # type: ignore[arg-type]
@@ -62,7 +71,9 @@ def by_hand(case: dict[str, object], mean: torch.Tensor, var: torch.Tensor) -> t
         assert isinstance(v, torch.Tensor)
         return v.reshape((1, -1) + (1,) * (nd - 2))
 
-    e = (x.to(F64) - col(mean)) / torch.sqrt(col(var) + 1e-5) * col(case["gamma"]) + col(case["beta"])
+    e = (x.to(F64) - col(mean)) / torch.sqrt(col(var) + 1e-5) * col(case["gamma"]) + col(
+        case["beta"]
+    )
     yy = y.to(F64)
     d = (yy - e).abs()
     d = torch.where((yy == e) | (yy.isnan() & e.isnan()), 0.0, d).nan_to_num(nan=math.inf)
@@ -70,7 +81,9 @@ def by_hand(case: dict[str, object], mean: torch.Tensor, var: torch.Tensor) -> t
     return torch.stack([d, rel])
 
 
-def assert_same(case: dict[str, object], tol: Tolerance, target: int | None = None) -> fused.FusedResult:
+def assert_same(
+    case: dict[str, object], tol: Tolerance, target: int | None = None
+) -> fused.FusedResult:
     fast, (mom, allow, cmp) = both(case, tol, target)
     fc = fast.comparison
     # the verdict: mismatch counts, exactly
@@ -90,8 +103,12 @@ def assert_same(case: dict[str, object], tol: Tolerance, target: int | None = No
     x = case["x"]
     assert isinstance(x, torch.Tensor)
     big = float(x.to(F64).abs().max()) * float(fast.mean.abs().max() + 1)  # magnitudes summed
-    assert torch.allclose(fc.channel_max_abs, cmp.channel_max_abs,  # type: ignore[attr-defined]
-                          rtol=1e-6, atol=1e-13 * (scale + big))
+    assert torch.allclose(
+        fc.channel_max_abs,
+        cmp.channel_max_abs,  # type: ignore[attr-defined]
+        rtol=1e-6,
+        atol=1e-13 * (scale + big),
+    )
     # the greatest differences: the same value, at an element that holds it, up to the float64
     # rounding of |Δ| (delta); relative differences inherit it, divided by |e|
     delta = 1e-13 * (scale + big)
@@ -101,9 +118,15 @@ def assert_same(case: dict[str, object], tol: Tolerance, target: int | None = No
     assert math.isclose(float(d[fc.max_abs_index]), cmp.max_abs_diff, rel_tol=1e-6, abs_tol=delta)  # type: ignore[attr-defined]
     hi = torch.where(d.isinf(), math.inf, (d + delta) / e_abs).max()
     lo = ((d - delta).clamp_min(0) / e_abs).nan_to_num(nan=0.0).max()
-    assert float(lo) * (1 - 1e-6) <= fc.max_rel_diff <= float(hi) * (1 + 1e-6) or fc.max_rel_diff == cmp.max_rel_diff  # type: ignore[attr-defined]
+    assert (
+        float(lo) * (1 - 1e-6) <= fc.max_rel_diff <= float(hi) * (1 + 1e-6)
+        or fc.max_rel_diff == cmp.max_rel_diff
+    )  # type: ignore[attr-defined]
     j = fc.max_rel_index
-    assert float(d[j] + delta) / float(e_abs[j]) >= float(lo) * (1 - 1e-6) or float(rel[j]) == cmp.max_rel_diff  # type: ignore[attr-defined]
+    assert (
+        float(d[j] + delta) / float(e_abs[j]) >= float(lo) * (1 - 1e-6)
+        or float(rel[j]) == cmp.max_rel_diff
+    )  # type: ignore[attr-defined]
     return fast
 
 
@@ -166,8 +189,11 @@ def test_one_element_just_over_or_under_the_tolerance(
     flat = where % x.numel()
     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
     ch = idx[1]
-    atol, rtol = {torch.float32: (1e-5, 1.3e-6), torch.float64: (1e-7, 1e-7),
-                  torch.bfloat16: (1e-5, 1.6e-2)}[dtype]
+    atol, rtol = {
+        torch.float32: (1e-5, 1.3e-6),
+        torch.float64: (1e-7, 1e-7),
+        torch.bfloat16: (1e-5, 1.6e-2),
+    }[dtype]
     # e and the allowed difference with compare's own torch arithmetic (not Python floats:
     # torch's broadcast division may round differently by an ulp)
     nd = x.dim()
@@ -185,8 +211,10 @@ def test_one_element_just_over_or_under_the_tolerance(
         values.append(torch.nextafter(values[-1], torch.tensor(math.inf, dtype=dtype)))
         values.insert(0, torch.nextafter(values[0], torch.tensor(-math.inf, dtype=dtype)))
     diffs = [(float((v.to(F64) - e).abs()), v) for v in values if float(v.to(F64) - e) > 0]
-    pick = min((p for p in diffs if p[0] > thr), key=lambda p: p[0]) if over else max(
-        (p for p in diffs if p[0] <= thr), key=lambda p: p[0]
+    pick = (
+        min((p for p in diffs if p[0] > thr), key=lambda p: p[0])
+        if over
+        else max((p for p in diffs if p[0] <= thr), key=lambda p: p[0])
     )
     y2 = y.clone()
     y2[idx] = pick[1]
@@ -224,8 +252,16 @@ def test_a_poor_pivot_is_summed_again_not_sent_to_the_reference(train: bool) -> 
     x.view(8, 2, 256)[::2, :, ::32] = 0.0  # exactly where fused._pivot samples
     pdt = torch.float32
     case["x"] = x
-    case["y"] = F.batch_norm(x, case["rm"].to(pdt), case["rv"].to(pdt),  # type: ignore[union-attr]
-                             case["gamma"].to(pdt), case["beta"].to(pdt), train, 0.0, 1e-5)  # type: ignore[union-attr]
+    case["y"] = F.batch_norm(
+        x,
+        case["rm"].to(pdt),
+        case["rv"].to(pdt),  # type: ignore[union-attr]
+        case["gamma"].to(pdt),
+        case["beta"].to(pdt),
+        train,
+        0.0,
+        1e-5,
+    )  # type: ignore[union-attr]
     xv = fused.view3(x)
     assert xv is not None and float(fused._pivot(xv)[0]) < 10  # the sample is all zeros
     fast = assert_same(case, make_tolerance(None, None))
@@ -284,8 +320,20 @@ def test_views_that_are_not_n_c_l_fall_back_to_the_reference() -> None:
     assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
     odd = x.transpose(2, 3).contiguous().transpose(2, 3)[..., ::2]  # strides with no (N, C, L) view
     assert fused.view3(odd) is None
-    assert fused_check(odd, y[..., ::2], case["gamma"], case["beta"], None, None, True, 1e-5,  # type: ignore[arg-type]
-                       make_tolerance(None, None)) is None
+    assert (
+        fused_check(
+            odd,
+            y[..., ::2],
+            case["gamma"],
+            case["beta"],
+            None,
+            None,
+            True,
+            1e-5,  # type: ignore[arg-type]
+            make_tolerance(None, None),
+        )
+        is None
+    )
     # channels_last is an (N, C, L) view: the fused path applies, and agrees
     case["x"] = x.contiguous(memory_format=torch.channels_last)
     case["y"] = y.contiguous(memory_format=torch.channels_last)
@@ -303,7 +351,9 @@ def test_run_on_a_network_matches_the_reference_everywhere(monkeypatch: pytest.M
     import bn_diff
     from bn_diff import pipeline
 
-    net = models.calibrate(models.ResNetStyle(blocks=(1, 1, 1, 1), width=8, num_classes=10), (4, 3, 32, 32))
+    net = models.calibrate(
+        models.ResNetStyle(blocks=(1, 1, 1, 1), width=8, num_classes=10), (4, 3, 32, 32)
+    )
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for mode in ("eval", "train"):
         fast = bn_diff.run(net, x, mode=mode).to_json()
@@ -320,13 +370,17 @@ def test_run_on_a_network_matches_the_reference_everywhere(monkeypatch: pytest.M
                 assert cf["mismatched"] == cr["mismatched"]
                 assert math.isclose(cf["batch_mean"], cr["batch_mean"], rel_tol=1e-9, abs_tol=1e-12)
                 assert math.isclose(cf["batch_var"], cr["batch_var"], rel_tol=1e-9)
-                assert math.isclose(cf["max_abs_diff"], cr["max_abs_diff"], rel_tol=1e-6, abs_tol=1e-13)
+                assert math.isclose(
+                    cf["max_abs_diff"], cr["max_abs_diff"], rel_tol=1e-6, abs_tol=1e-13
+                )
 
 
 def test_block_sizes_per_device() -> None:
     """On a GPU the blocks are large (few kernel launches); on CPU they follow the threads."""
     assert fused.block_elems(torch.device("cuda")) == fused.CUDA_BLOCK
-    assert fused.block_elems(torch.device("cpu")) == fused.CPU_BLOCK * min(4, max(1, torch.get_num_threads()))
+    assert fused.block_elems(torch.device("cpu")) == fused.CPU_BLOCK * min(
+        4, max(1, torch.get_num_threads())
+    )
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -26,8 +26,14 @@ print(json.dumps({"code": code, "torch": "torch" in sys.modules}), file=sys.stde
 @pytest.mark.parametrize("args", [["--help"], ["layers", "--help"], ["run", "--help"]])
 def test_help_does_not_import_torch(args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
-                         env=env, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
     probe = json.loads(out.stderr.strip().splitlines()[-1])
     assert probe["code"] == 0, out.stderr
     assert "Usage" in out.stdout + out.stderr
@@ -39,6 +45,10 @@ def test_the_probe_can_see_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, "layers", str(ROOT / "no-such-model.pt")],
-        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
     )
     assert json.loads(out.stderr.strip().splitlines()[-1])["torch"] is True

@@ -60,17 +60,23 @@ def covered(shape: tuple[int, ...], blocks: list[tuple[slice, ...]]) -> torch.Te
     shape=st.lists(st.integers(1, 6), min_size=2, max_size=5).map(tuple),
     target=st.integers(1, 400),
 )
-def test_chunk_slices_cover_once_in_order_within_target(shape: tuple[int, ...], target: int) -> None:
+def test_chunk_slices_cover_once_in_order_within_target(
+    shape: tuple[int, ...], target: int
+) -> None:
     blocks = list(chunk_slices(shape, target))
-    assert all(math.prod(s.stop - s.start for s in idx) * math.prod(shape[len(idx):]) <= target
-               for idx in blocks)
+    assert all(
+        math.prod(s.stop - s.start for s in idx) * math.prod(shape[len(idx) :]) <= target
+        for idx in blocks
+    )
     assert bool((covered(shape, blocks) == 1).all())
     firsts = [tuple(s.start for s in idx) + (0,) * (len(shape) - len(idx)) for idx in blocks]
     assert firsts == sorted(firsts)  # (n, c, *s) order: the first maximum is the reference's
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 6), c=st.integers(1, 6), length=st.integers(1, 50), target=st.integers(1, 300))
+@given(
+    n=st.integers(1, 6), c=st.integers(1, 6), length=st.integers(1, 50), target=st.integers(1, 300)
+)
 def test_fused_blocks_cover_once_within_target(n: int, c: int, length: int, target: int) -> None:
     per, groups = plan(n, c, length, target)
     hits = torch.zeros(n, c, length, dtype=torch.int64)
@@ -100,8 +106,9 @@ def test_the_check_never_materialises_an_activation_sized_tensor() -> None:
         for train in (True, False):
             spy = LargestOutput()
             with spy:
-                res = fused_check(x, y, gamma, beta, rm, rv, train, 1e-5,
-                                  make_tolerance(None, None), target=1000)
+                res = fused_check(
+                    x, y, gamma, beta, rm, rv, train, 1e-5, make_tolerance(None, None), target=1000
+                )
             assert res is not None and res.exact_channels >= 1
             assert 0 < spy.largest <= 3 * 1000, spy.largest
             spy = LargestOutput()
@@ -129,7 +136,10 @@ def test_no_activation_outlives_its_hook() -> None:
     import bn_diff
 
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1),
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 1),
         torch.nn.BatchNorm2d(4),
     ).eval()
     refs: list[weakref.ref[torch.Tensor]] = []
@@ -174,7 +184,10 @@ def test_a_huge_activation_gets_no_float64_twin(tmp_path: Path) -> None:
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
