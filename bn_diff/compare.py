@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .recompute import F64, Moments, _bcast, chunks, reduce_dims
+from .recompute import F64, Moments, _bcast, chunk_slices, reduce_dims
 from .results import Tolerance, default_pair
 
 
@@ -91,12 +91,13 @@ def compare(
     best_abs, best_abs_idx = -1.0, (0,) * nd
     best_rel, best_rel_idx = -1.0, (0,) * nd
     numel = x.numel()
-    for ns, cs in chunks(x.shape):
-        xc = x[ns, cs].to(F64)
+    for idx in chunk_slices(x.shape):
+        cs = idx[1] if len(idx) > 1 else slice(None)
+        xc = x[idx].to(F64)
         # literal order of the contract: (x - mean) / sqrt(var + eps), then * gamma + beta
         e = (xc - _bcast(mean[cs], nd)) / torch.sqrt(_bcast(var[cs], nd) + eps)
         e = e * _bcast(gamma[cs], nd) + _bcast(beta[cs], nd)
-        yc = y[ns, cs].to(F64)
+        yc = y[idx].to(F64)
         d = (yc - e).abs()
         same = (yc == e) | (yc.isnan() & e.isnan())
         d = torch.where(same, torch.zeros((), dtype=F64, device=dev), d)
@@ -112,7 +113,7 @@ def compare(
         val = float(d.reshape(-1)[flat].item())
         if val > best_abs:
             best_abs = val
-            best_abs_idx = _offset(_unravel(flat, d.shape), ns, cs)
+            best_abs_idx = _offset(_unravel(flat, d.shape), idx)
         rel = d / e.abs()
         rel = torch.where(d == 0, torch.zeros((), dtype=F64, device=dev), rel)
         rel = torch.nan_to_num(rel, nan=float("inf"))
@@ -120,7 +121,7 @@ def compare(
         rval = float(rel.reshape(-1)[rflat].item())
         if rval > best_rel:
             best_rel = rval
-            best_rel_idx = _offset(_unravel(rflat, rel.shape), ns, cs)
+            best_rel_idx = _offset(_unravel(rflat, rel.shape), idx)
     return Comparison(
         channel_max_abs=ch_max,
         channel_mismatched=ch_cnt,
@@ -141,8 +142,9 @@ def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(idx))
 
 
-def _offset(idx: tuple[int, ...], ns: slice, cs: slice) -> tuple[int, ...]:
-    return (idx[0] + (ns.start or 0), idx[1] + (cs.start or 0), *idx[2:])
+def _offset(idx: tuple[int, ...], block: tuple[slice, ...]) -> tuple[int, ...]:
+    """An index into a block, as an index into the whole tensor."""
+    return tuple(i + (int(block[a].start or 0) if a < len(block) else 0) for a, i in enumerate(idx))
 
 
 def close(

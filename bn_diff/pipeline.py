@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import gc
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ from torch import nn
 
 from . import load as load_mod
 from .capture import BnCall, Capture, is_bn_like, named_modules
-from .compare import close, compare, dtype_name, resolve, rounding_allowance
+from .compare import Comparison, close, compare, dtype_name, resolve, rounding_allowance
+from .device import device_type, tf32_finding
 from .errors import BnDiffError, ModelError, UsageError
+from .fused import fused_check
 from .loadsafe import display
 from .oddities import capture_findings, check_device, empty_batch, empty_update, refuse_unsupported
 from .recompute import Moments, as_f64, channel_moments, coefficients, running_update
@@ -64,18 +68,17 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         y = y.reshape(1, -1)
         c = int(x.shape[1])
     dev = x.device
-    mom = channel_moments(x)
     gamma = as_f64(call.weight, c, 1.0, dev)
     beta = as_f64(call.bias, c, 0.0, dev)
     rm = None if call.running_mean_before is None else as_f64(call.running_mean_before, c, 0.0, dev)
     rv = None if call.running_var_before is None else as_f64(call.running_var_before, c, 1.0, dev)
-    if call.use_batch_stats or rm is None or rv is None:
-        mean, var = mom.mean, mom.var
-    else:
-        mean, var = rm, rv
     atol, rtol = resolve(tol, y.dtype)
-    allow = rounding_allowance(tol, y.dtype, mom, mean, var, gamma, beta, call.eps)
-    cmp = compare(x, y, mean, var, gamma, beta, call.eps, atol, rtol, allow)
+    fast = fused_check(x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol)
+    if fast is not None:  # one fused float64 pass; the reference path where it matters
+        mom, allow, cmp = fast.moments, fast.allowance, fast.comparison
+    else:
+        mom, allow, cmp = reference_check(x, y, gamma, beta, rm, rv, call.use_batch_stats,
+                                          call.eps, tol)
     gaps = _train_eval_gap(call, mom, gamma, beta, rm, rv)
     update = None
     if call.updates_running_stats:
@@ -96,33 +99,22 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         weight_frozen=_frozen(call),
         num_batches_tracked=call.num_batches_tracked_before,
     )
-    cols: dict[str, Any] = {
-        "bm": mom.mean.tolist(),
-        "bv": mom.var.tolist(),
-        "rm": None if rm is None else rm.tolist(),
-        "rv": None if rv is None else rv.tolist(),
-        "g": None if call.weight is None else gamma.tolist(),
-        "b": None if call.bias is None else beta.tolist(),
-        "d": cmp.channel_max_abs.tolist(),
-        "n": cmp.channel_mismatched.tolist(),
-        "al": allow.tolist(),
-        "gap": None if gaps is None else gaps.tolist(),
-    }
+    none = [None] * c
     channels = tuple(
-        ChannelStats(
-            index=i,
-            batch_mean=cols["bm"][i],
-            batch_var=cols["bv"][i],
-            running_mean=None if cols["rm"] is None else cols["rm"][i],
-            running_var=None if cols["rv"] is None else cols["rv"][i],
-            gamma=None if cols["g"] is None else cols["g"][i],
-            beta=None if cols["b"] is None else cols["b"][i],
-            max_abs_diff=cols["d"][i],
-            mismatched=int(cols["n"][i]),
-            tolerance=cols["al"][i],
-            train_eval_gap=None if cols["gap"] is None else cols["gap"][i],
+        map(
+            ChannelStats,
+            range(c),
+            mom.mean.tolist(),
+            mom.var.tolist(),
+            none if rm is None else rm.tolist(),
+            none if rv is None else rv.tolist(),
+            none if call.weight is None else gamma.tolist(),
+            none if call.bias is None else beta.tolist(),
+            cmp.channel_max_abs.tolist(),
+            cmp.channel_mismatched.tolist(),
+            allow.tolist(),
+            none if gaps is None else gaps.tolist(),
         )
-        for i in range(c)
     )
     return LayerResult(
         findings=empty_batch(call) if mom.count == 0 else (),
@@ -139,6 +131,31 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         train_eval_gap=None if gaps is None or gaps.numel() == 0 else _nanmax(gaps),
         running_update=update,
     )
+
+
+def reference_check(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    rm: torch.Tensor | None,
+    rv: torch.Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+    tol: Tolerance,
+) -> tuple[Moments, torch.Tensor, Comparison]:
+    """The reference path: float64 statistics, then the float64 comparison, chunk by chunk.
+
+    What `fused_check` must agree with; used where the fused path does not apply.
+    """
+    mom = channel_moments(x)
+    if use_batch_stats or rm is None or rv is None:
+        mean, var = mom.mean, mom.var
+    else:
+        mean, var = rm, rv
+    atol, rtol = resolve(tol, y.dtype)
+    allow = rounding_allowance(tol, y.dtype, mom, mean, var, gamma, beta, eps)
+    return mom, allow, compare(x, y, mean, var, gamma, beta, eps, atol, rtol, allow)
 
 
 def _nanmax(t: torch.Tensor) -> float:
@@ -288,13 +305,20 @@ def run(
             )
         )
 
+    tf32 = tf32_finding(run_device(model, inp), torch.backends.cudnn.allow_tf32)
+    if tf32 is not None:
+        findings.append(tf32)
+
     def on_bn(call: BnCall) -> None:
         if not pick(call.name):
             return
         try:
-            res = check_call(call, tol)
-            for ext in extensions:
-                res = ext(call, res)
+            # outside Capture's torch-function mode: the checks' own torch calls are not the
+            # model's, and would each pay the mode's Python dispatch
+            with torch._C.DisableTorchFunction():
+                res = check_call(call, tol)
+                for ext in extensions:
+                    res = ext(call, res)
         except BnDiffError:
             raise
         except Exception as e:
@@ -307,7 +331,7 @@ def run(
     cap = Capture(model, on_bn, mode=mode)
     failure: Exception | None = None
     try:
-        with torch.no_grad(), cap:
+        with torch.no_grad(), cap, paused_gc():
             try:
                 model(*inp.args, **inp.kwargs)
             except (_HookFailure, BnDiffError):
@@ -335,6 +359,25 @@ def run(
         device=str(next((t.device for t in inp.tensors()), "cpu")),
         fail_on=fail_on,  # type: ignore[arg-type]
     )
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for one checked forward: the checks create tens of
+    thousands of small result objects (no cycles), which otherwise trigger full collections
+    over every Python object of the process (tens of ms, at random)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def run_device(model: nn.Module, inp: load_mod.Inputs) -> str:
+    """"cuda" when the inputs or the model's parameters are on a GPU, else "cpu" (or meta...)."""
+    return device_type([*inp.tensors(), *model.parameters()])
 
 
 def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:

@@ -41,6 +41,7 @@ def chunks(
     """(sample slice, channel slice) blocks of about `target` elements covering an (N, C, *S) tensor.
 
     A block is at least one (sample, channel) plane. `target` defaults to CHUNK_ELEMS.
+    `chunk_slices` also splits planes, so that no block exceeds `target`.
     """
     target = CHUNK_ELEMS if target is None else target
     n, c = int(shape[0]), int(shape[1])
@@ -57,6 +58,40 @@ def chunks(
         for n0 in range(n):
             for c0 in range(0, c, cb):
                 yield slice(n0, n0 + 1), slice(c0, min(c, c0 + cb))
+
+
+def chunk_slices(
+    shape: tuple[int, ...] | torch.Size, target: int | None = None
+) -> Iterator[tuple[slice, ...]]:
+    """Index tuples covering an (N, C, *S) tensor in blocks of at most `target` elements
+    (CHUNK_ELEMS by default; one element at least), in (n, c, *s) order.
+
+    Each block is a run of consecutive indices in that order: one index on the leading axes, a
+    range on one axis, everything on the axes after it. So a huge (sample, channel) plane is
+    split too, and the first maximum over the blocks is the first maximum of the tensor.
+    """
+    target = max(1, CHUNK_ELEMS if target is None else target)
+    dims = [int(d) for d in shape]
+    if any(d == 0 for d in dims):
+        return
+    inner = [1] * len(dims)
+    for i in range(len(dims) - 2, -1, -1):
+        inner[i] = inner[i + 1] * dims[i + 1]
+    k = next(i for i in range(len(dims)) if inner[i] <= target)
+    step = max(1, target // inner[k])
+    for lead in _product(dims[:k]):
+        for a0 in range(0, dims[k], step):
+            yield (*(slice(i, i + 1) for i in lead), slice(a0, min(dims[k], a0 + step)))
+
+
+def _product(dims: list[int]) -> Iterator[tuple[int, ...]]:
+    """All index tuples of a shape, in row-major order."""
+    if not dims:
+        yield ()
+        return
+    for i in range(dims[0]):
+        for rest in _product(dims[1:]):
+            yield (i, *rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +131,9 @@ def channel_moments(x: torch.Tensor) -> Moments:
     hi = torch.full((c,), float("-inf"), dtype=F64, device=dev)
     count = torch.zeros(c, dtype=F64, device=dev)
     dims = reduce_dims(x.dim())
-    for ns, cs in chunks(x.shape):
-        xc = x[ns, cs].to(F64)
+    for idx in chunk_slices(x.shape):
+        cs = idx[1] if len(idx) > 1 else slice(None)
+        xc = x[idx].to(F64)
         nb = values_per_channel(xc.shape)
         if nb == 0:
             continue

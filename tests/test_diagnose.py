@@ -274,7 +274,8 @@ def test_co_moments_equal_two_pass_float64(n, c, plane, target, shift, seed) -> 
     torch.testing.assert_close(mo.xmax, x64.amax(dims))
     if mo.count >= 2:
         a, b, rms = mo.affine_fit()
-        ok = (dx * dx).sum(dims) > 0
+        # two nearly equal x values cannot pin the slope against the noise: need some spread
+        ok = (dx * dx).sum(dims) > 0.25
         torch.testing.assert_close(a[ok], torch.full_like(a[ok], 2.5), rtol=0.05, atol=0.05)
         assert bool((rms[ok] < 0.05).all())
 

@@ -1,0 +1,420 @@
+"""Recompute and compare one BN call in a single fused float64 pass over cache-sized blocks.
+
+The reference path (`recompute.channel_moments`, then `compare.compare`) walks x twice and makes
+several float64 temporaries per element. This module gives the same answer with one walk: each
+block of at most `block_elems(device)` elements of x and y is converted to float64 once, into a
+reused scratch buffer, and gives per slot (one sample's plane when planes are large, else all
+samples of a channel, or one block of a huge plane) and channel
+  Σ(x - p), Σ(x - p)², min x, max x        (the batch statistics; p a pivot per channel)
+  max and min of y - e and of (y - e)/e     (e = a·(x - p) + b', the by-hand output)
+All of it is float64: a channel's max |Δ| is the reference's up to float64 rounding.
+`fused_verdict` turns these partial results into the statistics and the `Comparison`, and sends
+the channels where rounding could matter (near their tolerance, non-finite) through the
+reference path; channels whose pivot was poor are summed again around their mean first.
+
+Blocks are channel-major: a channel's statistics are complete before its comparison starts, so
+in train mode (statistics from the batch) x is converted once per block, as in eval mode,
+whenever a channel fits in one block. Only bounded scratch is allocated, never a float64 twin:
+three float64 buffers of `block_elems` elements per thread and device, and per-slot partial
+results (a few float64 per (sample, channel) plane of >= ROW_MIN values, else per channel).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .recompute import F64
+from .results import Tolerance
+
+if TYPE_CHECKING:
+    from .fused_verdict import FusedResult
+
+CPU_BLOCK = 1 << 17
+"""Elements per block and CPU thread (up to 4 threads): per thread, three float64 buffers of
+1 MiB stay near the core's caches, and each torch call gets enough work to amortise its dispatch
+and its fork/join across threads (measured on ResNet-50: 2^17 and 2^18 per thread are equally
+fast, smaller blocks pay the per-call overhead, larger ones the cache misses)."""
+CUDA_BLOCK = 1 << 23
+"""Elements per block on a GPU (three float64 buffers of 64 MiB, allocated per call through the
+CUDA caching allocator): few blocks per layer, since kernel launches dominate there."""
+ROW_MIN = 128
+"""Planes of at least this many values keep partial results per (sample, channel) row: one
+reduction call per block, and a small region to search for the greatest difference. Smaller
+planes fold the samples of a block together, so partial results never outgrow ~1/16 of x."""
+
+PIVOT_RATIO = 16.0
+"""A channel's sums are redone around its mean when (mean - pivot)² > PIVOT_RATIO·var: beyond
+that, Σ(x - p)² - (Σ(x - p))²/m would lose more than a few float64 digits to cancellation."""
+
+_local = threading.local()
+_BN_OUT = torch.ops.aten.native_batch_norm.out
+
+
+def block_elems(device: torch.device) -> int:
+    """Elements per block for tensors on `device` (the working set is 3x this, in float64)."""
+    if device.type == "cpu":
+        return CPU_BLOCK * min(4, max(1, torch.get_num_threads()))
+    return CUDA_BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One block of the (N, C, L) view of x: samples, a segment of the plane, channels."""
+
+    ns: slice
+    ls: slice
+    cs: slice
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (
+            int(self.ns.stop - self.ns.start),
+            int(self.cs.stop - self.cs.start),
+            int(self.ls.stop - self.ls.start),
+        )
+
+    @property
+    def numel(self) -> int:
+        nb, cb, lb = self.shape
+        return nb * cb * lb
+
+
+def plan(n: int, c: int, length: int, target: int) -> tuple[int, Iterator[list[Block]]]:
+    """(blocks per channel, groups): channel groups in channel order, each a list of blocks of at
+    most `target` elements (at least one) that together cover those channels for all samples."""
+    target = max(1, target)
+    if n * length <= target:
+        cb = max(1, target // max(n * length, 1))
+        groups = (
+            [Block(slice(0, n), slice(0, length), slice(c0, min(c, c0 + cb)))]
+            for c0 in range(0, c, cb)
+        )
+        return 1, groups
+    per = blocks_per_channel(n, length, target)
+    return per, (
+        [Block(*region(k, n, length, target), slice(c0, c0 + 1)) for k in range(per)]
+        for c0 in range(c)
+    )
+
+
+def blocks_per_channel(n: int, length: int, target: int) -> int:
+    """How many blocks cover one channel (1 while a channel fits in one block)."""
+    if n * length <= target:
+        return 1
+    if length <= target:
+        return -(-n // max(1, target // length))
+    return n * -(-length // target)
+
+
+def region(k: int, n: int, length: int, target: int) -> tuple[slice, slice]:
+    """(samples, plane segment) of block k of a channel, in the layout `plan` uses."""
+    if n * length <= target:
+        return slice(0, n), slice(0, length)
+    if length <= target:
+        nb = max(1, target // length)
+        return slice(k * nb, min(n, (k + 1) * nb)), slice(0, length)
+    segs = -(-length // target)
+    n0, g = divmod(k, segs)
+    return slice(n0, n0 + 1), slice(g * target, min(length, (g + 1) * target))
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A float64 buffer of `numel` elements: on CPU reused across calls (per thread), elsewhere
+    fresh (the CUDA caching allocator makes that cheap, and keeps nothing of ours after a run)."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=F64, device=device)
+    bufs: dict[torch.device, torch.Tensor] | None = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = {}
+        _local.bufs = bufs
+    t = bufs.get(device)
+    if t is None or t.numel() < numel:
+        t = torch.empty(numel, dtype=F64, device=device)
+        bufs[device] = t
+    return t[:numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (bounded, but a caller may want the memory back)."""
+    _local.bufs = {}
+
+
+def view3(t: torch.Tensor) -> torch.Tensor | None:
+    """t as (N, C, L) without copying, or None when its strides do not allow that."""
+    n, c = int(t.shape[0]), int(t.shape[1])
+    length = 1
+    for s in t.shape[2:]:
+        length *= int(s)
+    try:
+        return t.view(n, c, length)
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Partials:
+    """What one pass leaves: partial results per slot (a row of samples) and channel."""
+
+    layout: str
+    """"rows": slot r is sample r; "fold": one slot, all samples; "split": slot k is block k of
+    each channel (see `region`)."""
+    pivot: torch.Tensor
+    """(C,) float64: the value subtracted from x before summing."""
+    s1: torch.Tensor
+    """(slots, C) float64: Σ(x - p) per slot."""
+    s2: torch.Tensor
+    """(slots, C) float64: Σ(x - p)² per slot."""
+    hi: torch.Tensor
+    """(2, slots, C) float64: max of y - e and of (y - e)/(-e) (NaN where 0/0 occurred)."""
+    lo: torch.Tensor
+    """(2, slots, C) float64: the minima."""
+    xmin: torch.Tensor
+    """(C,) float64: min of x, taken from x itself (exact)."""
+    xmax: torch.Tensor
+    target: int
+
+    def stats(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean - pivot, biased variance) per channel, from m values per channel."""
+        s1, s2 = self.s1.sum(0), self.s2.sum(0)
+        mean_p = s1 / m
+        return mean_p, torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
+
+    @staticmethod
+    def poorly_pivoted(mean_p: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """(C,) bool: finite statistics summed around a pivot more than sqrt(PIVOT_RATIO)
+        standard deviations from the mean, where the sums lose digits to cancellation."""
+        return torch.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
+
+    def splice(self, cs: slice, other: Partials) -> None:
+        """Put `other`, a pass over channels cs only, in place of those channels."""
+        self.pivot[cs] = other.pivot
+        self.s1[:, cs], self.s2[:, cs] = other.s1, other.s2
+        self.hi[..., cs], self.lo[..., cs] = other.hi, other.lo
+        self.xmin[cs], self.xmax[cs] = other.xmin, other.xmax
+
+    def slot_region(self, slot: int, n: int, length: int) -> tuple[slice, slice]:
+        """(samples, plane segment) that slot `slot` of a channel covers."""
+        if self.layout == "rows":
+            return slice(slot, slot + 1), slice(0, length)
+        if self.layout == "fold":
+            return slice(0, n), slice(0, length)
+        return region(slot, n, length, self.target)
+
+
+def fused_pass(
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    rm: torch.Tensor | None,
+    rv: torch.Tensor | None,
+    batch: bool,
+    eps: float,
+    target: int,
+    pivot: torch.Tensor | None = None,
+) -> Partials:
+    """One walk over x and y, as (N, C, L) views; float64 (C,) parameters (and pivot, when the
+    caller knows a better one than a sample of x)."""
+    n, c, length = (int(s) for s in xv.shape)
+    dev = xv.device
+    m = n * length
+    pivot = _pivot(xv) if pivot is None else pivot
+    p3 = pivot.view(1, -1, 1)
+    per, groups = plan(n, c, length, target)
+    mode = "rows" if per == 1 and length >= ROW_MIN else ("fold1" if length == 1 else "fold")
+    buf = _scratch(3 * min(target, n * c * length), dev)
+    zeros = torch.zeros(c, dtype=F64, device=dev)
+    ones = torch.ones(c, dtype=F64, device=dev)
+    nothing = torch.empty(0, dtype=F64, device=dev)
+    nothing2 = torch.empty(0, dtype=F64, device=dev)
+    coef_all = None
+    if not batch:
+        assert rm is not None and rv is not None
+        a_all = gamma / torch.sqrt(rv + eps)
+        coef_all = (-a_all, a_all * (rm - pivot) - beta)  # of -e: x - p -> -a·(x - p) - b'
+
+    s1s: list[torch.Tensor] = []
+    s2s: list[torch.Tensor] = []
+    his: list[torch.Tensor] = []
+    los: list[torch.Tensor] = []
+    xmaxs: list[torch.Tensor] = []
+    xmins: list[torch.Tensor] = []
+    for group in groups:
+        cs = group[0].cs
+        for blk in group:
+            b3 = _load_x(xv, buf, p3, blk)
+            s1, s2 = _sums(b3, mode)
+            s1s.append(s1)
+            s2s.append(s2)
+        if coef_all is None:  # train: this group's statistics, then its coefficients
+            gs1 = s1s[-1].sum(0) if len(group) == 1 else torch.cat(s1s[-len(group) :]).sum(0)
+            gs2 = s2s[-1].sum(0) if len(group) == 1 else torch.cat(s2s[-len(group) :]).sum(0)
+            mean_p = gs1 / m
+            var = torch.clamp_min(gs2 - gs1 * mean_p, 0.0) / m
+            a = gamma[cs] / torch.sqrt(var + eps)
+            coef = (-a, a * mean_p - beta[cs])
+        else:
+            coef = (coef_all[0][cs], coef_all[1][cs])
+        for blk in group:
+            b3 = _load_x(xv, buf, p3, blk) if len(group) > 1 else _bufs(buf, blk)
+            # -e = -a·(x - p) - b' (batch norm in eval form: mean 0, var 1, eps 0), written into
+            # the scratch: a fresh buffer per block, between long-lived small tensors, would
+            # fragment the heap by a block each time
+            _BN_OUT(
+                b3[0],
+                coef[0],
+                coef[1],
+                zeros[cs],
+                ones[cs],
+                False,
+                0.0,
+                0.0,
+                out=b3[2],
+                save_mean=nothing,
+                save_invstd=nothing2,
+            )
+            r = b3[1]
+            r.copy_(yv[blk.ns, blk.cs, blk.ls])
+            r.add_(b3[2])  # y - e
+            torch.div(r, b3[2], out=b3[2])  # (y - e)/(-e)
+            rq = b3[1:]
+            his.append(_extremes(rq, mode, torch.amax))
+            los.append(_extremes(rq, mode, torch.amin))
+            xb = xv[blk.ns, blk.cs, blk.ls]
+            xmaxs.append(_extremes(xb, mode, torch.amax))
+            xmins.append(_extremes(xb, mode, torch.amin))
+
+    def slots(parts: list[torch.Tensor]) -> torch.Tensor:
+        """(..., slots, C) from one (..., slots, cb) piece per block, in block order."""
+        if per == 1:
+            return torch.cat(parts, -1)
+        # one (..., 1, 1) piece per block, channel-major
+        cat = torch.cat(parts, -2)
+        return cat.reshape(*cat.shape[:-2], c, per).transpose(-1, -2)
+
+    return Partials(
+        layout="split" if per > 1 else ("rows" if mode == "rows" else "fold"),
+        pivot=pivot,
+        s1=slots(s1s),
+        s2=slots(s2s),
+        hi=slots(his),
+        lo=slots(los),
+        xmin=slots(xmins).amin(0).to(F64),
+        xmax=slots(xmaxs).amax(0).to(F64),
+        target=target,
+    )
+
+
+def _pivot(xv: torch.Tensor) -> torch.Tensor:
+    """(C,) float64: per channel, the mean of up to ~32 values of x spread over samples and
+    plane (a strided view: nothing is copied). Close to the channel's mean, so that the sums of
+    (x - p)² keep their digits; a poor pivot is caught after the pass (PIVOT_RATIO)."""
+    n, _, length = (int(s) for s in xv.shape)
+    sample = xv[:: max(1, n // 4), :, :: max(1, length // 8)]
+    return sample.to(F64).mean(dim=(0, 2)) if sample.dtype != F64 else sample.mean(dim=(0, 2))
+
+
+def _bufs(buf: torch.Tensor, blk: Block) -> torch.Tensor:
+    nb, cb, lb = blk.shape
+    return buf[: 3 * nb * cb * lb].view(3, nb, cb, lb)
+
+
+def _load_x(xv: torch.Tensor, buf: torch.Tensor, p3: torch.Tensor, blk: Block) -> torch.Tensor:
+    """The block's three buffers, with x - p converted into the first."""
+    b3 = _bufs(buf, blk)
+    b3[0].copy_(xv[blk.ns, blk.cs, blk.ls])
+    b3[0].sub_(p3[:, blk.cs])
+    return b3
+
+
+def _sums(b3: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ(x - p), Σ(x - p)²) per slot of the block: (nb, cb) for "rows", else (1, cb)."""
+    xp = b3[0]
+    if mode == "rows":
+        return xp.sum(2), torch.linalg.vector_norm(xp, dim=2).square_()
+    if mode == "fold":
+        norm = torch.linalg.vector_norm(torch.linalg.vector_norm(xp, dim=2), dim=0, keepdim=True)
+        return xp.sum(2).sum(0, keepdim=True), norm.square_()
+    x2, sq = xp[:, :, 0], b3[2][:, :, 0]  # planes of one value (BatchNorm1d); b3[2] is free
+    torch.mul(x2, x2, out=sq)
+    return x2.sum(0, keepdim=True), sq.sum(0, keepdim=True)
+
+
+def _extremes(t: torch.Tensor, mode: str, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """amax or amin of a (..., nb, cb, lb) block per slot: (..., nb, cb) for "rows", else
+    (..., 1, cb)."""
+    if mode == "rows":
+        return op(t, -1)
+    return op(t, (-3, -1)).unsqueeze(-2)
+
+
+def fused_check(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    use_batch_stats: bool,
+    eps: float,
+    tol: Tolerance,
+    target: int | None = None,
+) -> FusedResult | None:
+    """Statistics and comparison of one BN call, equal to the reference path's.
+
+    x, y: (N, C, *S) floating tensors of one shape; gamma, beta, running_*: (C,) float64.
+    Returns None when the fused path does not apply (empty or non-float tensors, or strides that
+    cannot be viewed as (N, C, L)); the caller then uses the reference path.
+    """
+    if x.shape != y.shape or x.dim() < 2 or x.numel() == 0:
+        return None
+    if not (x.is_floating_point() and y.is_floating_point()):
+        return None
+    xv, yv = view3(x), view3(y)
+    if xv is None or yv is None:
+        return None
+    from .fused_verdict import verdict
+
+    batch = use_batch_stats or running_mean is None or running_var is None
+    target = target or block_elems(x.device)
+    rm, rv = running_mean, running_var
+    with torch.no_grad():
+        part = fused_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target)
+        m = int(xv.shape[0] * xv.shape[2])
+        mean_p, var = part.stats(m)
+        redo = torch.nonzero(part.poorly_pivoted(mean_p, var)).flatten().tolist()
+        if redo:  # rare: sum those channels again around the mean the first pass found
+            better = part.pivot + mean_p
+            for c0, c1 in runs(redo):
+                cs = slice(c0, c1)
+                sub = fused_pass(
+                    xv[:, cs],
+                    yv[:, cs],
+                    gamma[cs],
+                    beta[cs],
+                    None if rm is None else rm[cs],
+                    None if rv is None else rv[cs],
+                    batch,
+                    eps,
+                    target,
+                    pivot=better[cs],
+                )
+                part.splice(cs, sub)
+            mean_p, var = part.stats(m)
+        return verdict(x, y, xv, yv, part, (mean_p, var), gamma, beta, rm, rv, batch, eps, tol)
+
+
+def runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Sorted channel indices as [start, stop) runs of consecutive channels."""
+    out: list[tuple[int, int]] = []
+    for i in idx:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
