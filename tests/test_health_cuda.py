@@ -75,12 +75,15 @@ def test_same_findings_on_cuda(case: str) -> None:
     cpu = run(copy.deepcopy(net), x)
     gpu = run(copy.deepcopy(net).cuda(), x.cuda())
     assert gpu.device.startswith("cuda")
-    assert [(f.id, f.severity) for f in gpu.all_findings] == [
+    # CUDA runs add one run-wide note about TF32 (see test_tf32.py); the health findings are equal
+    assert "tf32_convolutions" in {f.id for f in gpu.findings}
+    gpu_findings = [f for f in gpu.all_findings if f.id != "tf32_convolutions"]
+    assert [(f.id, f.severity) for f in gpu_findings] == [
         (f.id, f.severity) for f in cpu.all_findings
     ]
     if case != "healthy":
-        assert case in {f.id for f in gpu.all_findings}
-    for fc, fg in zip(cpu.all_findings, gpu.all_findings, strict=True):
+        assert case in {f.id for f in gpu_findings}
+    for fc, fg in zip(cpu.all_findings, gpu_findings, strict=True):
         assert set(fc.data) == set(fg.data)
         for k in fc.data:
             assert _close(fc.data[k], fg.data[k]), (case, k, fc.data[k], fg.data[k])
