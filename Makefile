@@ -34,6 +34,7 @@ LINT_DIRS := $(wildcard bn_diff tests examples bench)
 
 lint: install
 	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	$(VENV)/bin/mypy
 
 bench: install

@@ -1,6 +1,6 @@
 """Where a checked forward spends its time on a GPU: cProfile of one bn_diff.run (eval, batch 64).
 
-    PYTHONPATH=. python3 bench/gpu_profile.py [cuda|cpu] [batch]
+PYTHONPATH=. python3 bench/gpu_profile.py [cuda|cpu] [batch]
 """
 
 from __future__ import annotations
@@ -40,4 +40,6 @@ def main(device: str, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "cuda", int(sys.argv[2]) if len(sys.argv) > 2 else 64)
+    main(
+        sys.argv[1] if len(sys.argv) > 1 else "cuda", int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    )

@@ -298,7 +298,11 @@ class Capture:
         def hook(_m: nn.Module, _args: Any) -> None:
             self._in_bn += 1
             self._pending.setdefault(id(m), []).append(
-                (_clone(getattr(m, "running_mean", None)), _clone(getattr(m, "running_var", None)), _nbt(m))
+                (
+                    _clone(getattr(m, "running_mean", None)),
+                    _clone(getattr(m, "running_var", None)),
+                    _nbt(m),
+                )
             )
 
         return hook

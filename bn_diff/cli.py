@@ -60,19 +60,48 @@ class RefLayout(str, Enum):
 _state: dict[str, bool] = {"traceback": False}
 
 # --- shared options ---------------------------------------------------------------------------
-ModelArg = Annotated[Path, typer.Argument(help="Model: a pickled nn.Module (needs --trust), or a "
-                                          "state_dict .pt/.pth/.safetensors with --arch.",
-                                          readable=False)]  # load.py says why, with exit 3
-TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow unpickling a full nn.Module "
-                                        "(this can run code from the file).")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", metavar="MOD:FN",
-                    help="Factory that builds the model for a state_dict, e.g. pkg.models:resnet.")]
-ImportOpt = Annotated[list[str] | None, typer.Option("--import", metavar="MODULE",
-                      help="Import MODULE first (classes of a trusted pickle). Repeatable.")]
-PathOpt = Annotated[list[Path] | None, typer.Option("--pythonpath", metavar="DIR",
-                    help="Add DIR to sys.path for --arch / --import. Repeatable.")]
-NoColorOpt = Annotated[bool, typer.Option("--no-color", help="No colour (also: NO_COLOR, non-TTY).")]
-TracebackOpt = Annotated[bool, typer.Option("--traceback", help="Show the traceback of errors too.")]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Model: a pickled nn.Module (needs --trust), or a "
+        "state_dict .pt/.pth/.safetensors with --arch.",
+        readable=False,
+    ),
+]  # load.py says why, with exit 3
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust", help="Allow unpickling a full nn.Module (this can run code from the file)."
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        metavar="MOD:FN",
+        help="Factory that builds the model for a state_dict, e.g. pkg.models:resnet.",
+    ),
+]
+ImportOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--import",
+        metavar="MODULE",
+        help="Import MODULE first (classes of a trusted pickle). Repeatable.",
+    ),
+]
+PathOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--pythonpath", metavar="DIR", help="Add DIR to sys.path for --arch / --import. Repeatable."
+    ),
+]
+NoColorOpt = Annotated[
+    bool, typer.Option("--no-color", help="No colour (also: NO_COLOR, non-TTY).")
+]
+TracebackOpt = Annotated[
+    bool, typer.Option("--traceback", help="Show the traceback of errors too.")
+]
 
 
 def _fail(err: BnDiffError) -> NoReturn:
@@ -85,45 +114,97 @@ def _fail(err: BnDiffError) -> NoReturn:
 @app.command()
 def run(
     model: ModelArg,
-    input: Annotated[Path | None, typer.Argument(help="Input: .pt (tensor, tuple/list/dict of "
-                                                 "tensors), .npy or .npz. Omit with --input-shape.",
-                                                 readable=False)]
-    = None,
-    mode: Annotated[Mode, typer.Option(help="as-is: each layer as saved; train/eval: the whole "
-                                       "model in that mode for the analysis.")] = Mode.as_is,
-    layer: Annotated[list[str] | None, typer.Option("--layer", metavar="GLOB",
-                     help="Check only BN layers matching GLOB and show their channels. "
-                     "Repeatable.")] = None,
+    input: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Input: .pt (tensor, tuple/list/dict of "
+            "tensors), .npy or .npz. Omit with --input-shape.",
+            readable=False,
+        ),
+    ] = None,
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            help="as-is: each layer as saved; train/eval: the whole "
+            "model in that mode for the analysis."
+        ),
+    ] = Mode.as_is,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer",
+            metavar="GLOB",
+            help="Check only BN layers matching GLOB and show their channels. Repeatable.",
+        ),
+    ] = None,
     atol: Annotated[float | None, typer.Option(help="Absolute tolerance (with --rtol).")] = None,
     rtol: Annotated[float | None, typer.Option(help="Relative tolerance (with --atol).")] = None,
-    json_out: Annotated[str | None, typer.Option("--json", metavar="PATH|-",
-                        help="Write the report as JSON (schema bn-diff/run/v1); - for stdout.")]
-    = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            metavar="PATH|-",
+            help="Write the report as JSON (schema bn-diff/run/v1); - for stdout.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     trust: TrustOpt = False,
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W",
-                           help="No input file: a synthetic standard-normal input of this shape.")]
-    = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            metavar="N,C,H,W",
+            help="No input file: a synthetic standard-normal input of this shape.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic input.")] = 0,
-    channels: Annotated[Channels, typer.Option(help="auto: per-channel tables for mismatching "
-                                               "or --layer layers; all: every channel.")]
-    = Channels.auto,
-    fail_on: Annotated[FailOn | None, typer.Option("--fail-on", help="Findings of this severity "
-                                                    "or worse also fail the run (exit 1).")]
-    = None,
-    html: Annotated[Path | None, typer.Option("--html", metavar="PATH", dir_okay=False,
-                    help="Also write a self-contained HTML report (plots per layer).")] = None,
-    reference: Annotated[Path | None, typer.Option("--reference", metavar="FILE",
-                         help="Outputs of your own implementation, keyed by layer name (.npz, .pt "
-                         "dict, or a directory of .npy): diagnose why they differ.")] = None,
-    reference_layer: Annotated[str | None, typer.Option("--reference-layer", metavar="NAME",
-                               help="The layer a single-tensor --reference belongs to.")] = None,
-    reference_layout: Annotated[RefLayout, typer.Option("--reference-layout",
-                                help="Layout of the reference tensors (auto tries both).")]
-    = RefLayout.auto,
+    channels: Annotated[
+        Channels,
+        typer.Option(
+            help="auto: per-channel tables for mismatching or --layer layers; all: every channel."
+        ),
+    ] = Channels.auto,
+    fail_on: Annotated[
+        FailOn | None,
+        typer.Option(
+            "--fail-on", help="Findings of this severity or worse also fail the run (exit 1)."
+        ),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            metavar="PATH",
+            dir_okay=False,
+            help="Also write a self-contained HTML report (plots per layer).",
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            metavar="FILE",
+            help="Outputs of your own implementation, keyed by layer name (.npz, .pt "
+            "dict, or a directory of .npy): diagnose why they differ.",
+        ),
+    ] = None,
+    reference_layer: Annotated[
+        str | None,
+        typer.Option(
+            "--reference-layer",
+            metavar="NAME",
+            help="The layer a single-tensor --reference belongs to.",
+        ),
+    ] = None,
+    reference_layout: Annotated[
+        RefLayout,
+        typer.Option(
+            "--reference-layout", help="Layout of the reference tensors (auto tries both)."
+        ),
+    ] = RefLayout.auto,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:
@@ -138,8 +219,12 @@ def run(
 
         from .diagnose_ext import run_files_with_reference
 
-        runner = partial(run_files_with_reference, reference=reference,
-                         reference_layer=reference_layer, reference_layout=reference_layout.value)
+        runner = partial(
+            run_files_with_reference,
+            reference=reference,
+            reference_layer=reference_layer,
+            reference_layout=reference_layout.value,
+        )
     try:
         if reference is None and reference_layer is not None:
             raise UsageError("--reference-layer needs --reference FILE")
@@ -165,8 +250,17 @@ def run(
         _fail(e)
     from .lastrun import remember  # for `bn-diff explain` without MODEL INPUT; never fails
 
-    remember(model, input, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
-             imports=import_ or (), pythonpath=[str(p) for p in pythonpath or ()], mode=mode.value)
+    remember(
+        model,
+        input,
+        input_shape=input_shape,
+        seed=seed,
+        arch=arch,
+        trust=trust,
+        imports=import_ or (),
+        pythonpath=[str(p) for p in pythonpath or ()],
+        mode=mode.value,
+    )
     picked = bool(layer)
     if json_out is not None:
         from .render.jsonout import write_json
@@ -200,8 +294,12 @@ def layers(
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    json_out: Annotated[str | None, typer.Option("--json", metavar="PATH|-",
-                        help="Write the list as JSON (schema bn-diff/layers/v1).")] = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json", metavar="PATH|-", help="Write the list as JSON (schema bn-diff/layers/v1)."
+        ),
+    ] = None,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:
@@ -212,8 +310,13 @@ def layers(
     from .render.console import make_console, render_layers
 
     try:
-        net = load_model(model, arch=arch, trust=trust, imports=import_ or (),
-                         pythonpath=[str(p) for p in pythonpath or ()])
+        net = load_model(
+            model,
+            arch=arch,
+            trust=trust,
+            imports=import_ or (),
+            pythonpath=[str(p) for p in pythonpath or ()],
+        )
     except BnDiffError as e:
         _fail(e)
     rows = describe_layers(net)
@@ -227,28 +330,58 @@ def layers(
 
 @app.command()
 def explain(
-    layer: Annotated[str, typer.Option("--layer", metavar="NAME", help="Qualified name of the "
-                     "BatchNorm layer, as `bn-diff run` and `bn-diff layers` show it.")],
-    model: Annotated[Path | None, typer.Argument(help="Model, as for run. Omit MODEL and INPUT "
-                     "to reuse the last `bn-diff run` made in this directory.")] = None,
+    layer: Annotated[
+        str,
+        typer.Option(
+            "--layer",
+            metavar="NAME",
+            help="Qualified name of the "
+            "BatchNorm layer, as `bn-diff run` and `bn-diff layers` show it.",
+        ),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Model, as for run. Omit MODEL and INPUT "
+            "to reuse the last `bn-diff run` made in this directory."
+        ),
+    ] = None,
     input: Annotated[Path | None, typer.Argument(help="Input, as for run.")] = None,
     channel: Annotated[int | None, typer.Option(help="Channel to explain (default 0).")] = None,
-    index: Annotated[str | None, typer.Option(metavar="n,c,h,...", help="Element to explain "
-                     "(default: the first element of the channel).")] = None,
-    mode: Annotated[Mode | None, typer.Option(help="as-is, train or eval (default: as-is, or "
-                                              "the reused run's).")] = None,
-    json_out: Annotated[str | None, typer.Option("--json", metavar="PATH|-",
-                        help="Write the explanation as JSON (schema bn-diff/explain/v1); - for "
-                        "stdout.")] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            metavar="n,c,h,...",
+            help="Element to explain (default: the first element of the channel).",
+        ),
+    ] = None,
+    mode: Annotated[
+        Mode | None,
+        typer.Option(help="as-is, train or eval (default: as-is, or the reused run's)."),
+    ] = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            metavar="PATH|-",
+            help="Write the explanation as JSON (schema bn-diff/explain/v1); - for stdout.",
+        ),
+    ] = None,
     trust: TrustOpt = False,
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W",
-                           help="No input file: a synthetic standard-normal input of this shape.")]
-    = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the synthetic input (default 0).")]
-    = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            metavar="N,C,H,W",
+            help="No input file: a synthetic standard-normal input of this shape.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the synthetic input (default 0).")
+    ] = None,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:
@@ -262,14 +395,31 @@ def explain(
 
     try:
         idx = None if index is None else parse_index(index)
-        rec, reused = lastrun.settings(model, input, trust=trust, input_shape=input_shape,
-                                       seed=seed, arch=arch, imports=import_ or (),
-                                       pythonpath=[str(p) for p in pythonpath or ()],
-                                       mode=None if mode is None else mode.value)
-        exp = explain_files(Path(rec.model), None if rec.input is None else Path(rec.input),
-                            layer=layer, channel=channel, index=idx, mode=rec.mode,
-                            input_shape=rec.input_shape, seed=rec.seed, arch=rec.arch,
-                            trust=rec.trust, imports=rec.imports, pythonpath=rec.pythonpath)
+        rec, reused = lastrun.settings(
+            model,
+            input,
+            trust=trust,
+            input_shape=input_shape,
+            seed=seed,
+            arch=arch,
+            imports=import_ or (),
+            pythonpath=[str(p) for p in pythonpath or ()],
+            mode=None if mode is None else mode.value,
+        )
+        exp = explain_files(
+            Path(rec.model),
+            None if rec.input is None else Path(rec.input),
+            layer=layer,
+            channel=channel,
+            index=idx,
+            mode=rec.mode,
+            input_shape=rec.input_shape,
+            seed=rec.seed,
+            arch=rec.arch,
+            trust=rec.trust,
+            imports=rec.imports,
+            pythonpath=rec.pythonpath,
+        )
     except BnDiffError as e:
         _fail(e)
     if json_out is not None:
@@ -284,32 +434,71 @@ def explain(
 
 @app.command()
 def check(
-    exported: Annotated[Path, typer.Argument(help="Exported model: .onnx, a torch.export .pt2 or a "
-                                             "TorchScript archive (both need --trust: loading "
-                                             "them can run code).")],
-    input: Annotated[Path | None, typer.Option("--input", metavar="INPUT",
-                     help="Input: .pt (tensor, tuple/list of tensors), .npy or .npz.")] = None,
-    against: Annotated[Path | None, typer.Option("--against", metavar="MODEL",
-                       help="The eager model to compare with, loaded as by `run` (a pickled "
-                       "module with --trust, or a state_dict with --arch).")] = None,
+    exported: Annotated[
+        Path,
+        typer.Argument(
+            help="Exported model: .onnx, a torch.export .pt2 or a "
+            "TorchScript archive (both need --trust: loading "
+            "them can run code)."
+        ),
+    ],
+    input: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            metavar="INPUT",
+            help="Input: .pt (tensor, tuple/list of tensors), .npy or .npz.",
+        ),
+    ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            metavar="MODEL",
+            help="The eager model to compare with, loaded as by `run` (a pickled "
+            "module with --trust, or a state_dict with --arch).",
+        ),
+    ] = None,
     atol: Annotated[float | None, typer.Option(help="Absolute tolerance (with --rtol).")] = None,
     rtol: Annotated[float | None, typer.Option(help="Relative tolerance (with --atol).")] = None,
-    junit: Annotated[Path | None, typer.Option("--junit", metavar="PATH",
-                     help="Write JUnit XML: one testcase per layer.")] = None,
-    json_out: Annotated[str | None, typer.Option("--json", metavar="PATH|-",
-                        help="Write the report as JSON (schema bn-diff/check/v1); - for stdout.")]
-    = None,
-    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Findings of this severity or worse "
-                                            "fail the check (exit 1).")] = FailOn.error,
-    trust: Annotated[bool, typer.Option("--trust", help="Allow files whose loading can run "
-                                        "code: a .pt2, a TorchScript archive, a pickled "
-                                        "--against model.")] = False,
+    junit: Annotated[
+        Path | None,
+        typer.Option("--junit", metavar="PATH", help="Write JUnit XML: one testcase per layer."),
+    ] = None,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            metavar="PATH|-",
+            help="Write the report as JSON (schema bn-diff/check/v1); - for stdout.",
+        ),
+    ] = None,
+    fail_on: Annotated[
+        FailOn,
+        typer.Option(
+            "--fail-on", help="Findings of this severity or worse fail the check (exit 1)."
+        ),
+    ] = FailOn.error,
+    trust: Annotated[
+        bool,
+        typer.Option(
+            "--trust",
+            help="Allow files whose loading can run "
+            "code: a .pt2, a TorchScript archive, a pickled "
+            "--against model.",
+        ),
+    ] = False,
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W",
-                           help="No input file: a synthetic standard-normal input of this shape.")]
-    = None,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            metavar="N,C,H,W",
+            help="No input file: a synthetic standard-normal input of this shape.",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic input.")] = 0,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
@@ -414,7 +603,6 @@ def _tolerant_streams() -> None:
 def _exit(code: int) -> NoReturn:
     sys.stdout.flush()
     raise SystemExit(code)
-
 
 
 if __name__ == "__main__":  # pragma: no cover

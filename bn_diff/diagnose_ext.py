@@ -215,8 +215,15 @@ def run_files_with_reference(
     """`bn-diff run MODEL INPUT --reference FILE`: `pipeline.run` plus the reference check."""
     ref = load_reference(reference, reference_layer, reference_layout)
     model, inp = pipeline.load_model_and_inputs(
-        model_path, input_path, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
-        imports=imports, pythonpath=pythonpath, device=device,
+        model_path,
+        input_path,
+        input_shape=input_shape,
+        seed=seed,
+        arch=arch,
+        trust=trust,
+        imports=imports,
+        pythonpath=pythonpath,
+        device=device,
     )
     bns = pipeline.bn_layer_names(model)
     convs = [n for n, m in named_modules(model) if isinstance(m, CONV_TYPES)]

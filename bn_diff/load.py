@@ -189,7 +189,9 @@ def load_model(
         try:
             model = factory()
         except Exception as e:  # the user's own factory code
-            raise ModelError(f"--arch {arch} raised {type(e).__name__}: {reason(e)}", None) from None
+            raise ModelError(
+                f"--arch {arch} raised {type(e).__name__}: {reason(e)}", None
+            ) from None
         if not isinstance(model, nn.Module):
             raise UsageError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
         _strict_load(model, sd, path)
@@ -205,7 +207,9 @@ def load_model(
         try:
             importlib.import_module(mod)
         except ImportError as e:
-            raise UsageError(f"--import {mod} failed ({e})", "add its folder with --pythonpath") from None
+            raise UsageError(
+                f"--import {mod} failed ({e})", "add its folder with --pythonpath"
+            ) from None
     if trust:
         try:
             with warnings.catch_warnings():
@@ -277,7 +281,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise UsageError(f"--input-shape {text!r} is not a list of integers", "e.g. 8,3,224,224") from None
+        raise UsageError(
+            f"--input-shape {text!r} is not a list of integers", "e.g. 8,3,224,224"
+        ) from None
     if not shape or any(s < 0 for s in shape):
         raise UsageError(f"--input-shape {text!r} is not a valid shape", "e.g. 8,3,224,224")
     if math.prod(shape) * 4 > memory_budget():  # exact: a 400-digit size must not overflow
@@ -290,7 +296,9 @@ def synthetic_input(shape: tuple[int, ...], seed: int = 0) -> Inputs:
         g = torch.Generator().manual_seed(seed)
     except (RuntimeError, ValueError, OverflowError):
         raise UsageError(f"--seed {seed} is out of range", "use a seed in 0 .. 2**64-1") from None
-    return Inputs((torch.randn(shape, generator=g),), {}, f"synthetic normal {list(shape)}, seed {seed}")
+    return Inputs(
+        (torch.randn(shape, generator=g),), {}, f"synthetic normal {list(shape)}, seed {seed}"
+    )
 
 
 def load_inputs(path: Path) -> Inputs:
@@ -313,8 +321,10 @@ def _as_inputs(obj: Any, path: Path) -> Inputs:
         return Inputs((obj,), {}, display(path))
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
         return Inputs(tuple(obj), {}, display(path))
-    if isinstance(obj, Mapping) and obj and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        isinstance(obj, Mapping)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         return Inputs((), dict(obj), display(path))
     raise InputError(

@@ -77,8 +77,9 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     if fast is not None:  # one fused float64 pass; the reference path where it matters
         mom, allow, cmp = fast.moments, fast.allowance, fast.comparison
     else:
-        mom, allow, cmp = reference_check(x, y, gamma, beta, rm, rv, call.use_batch_stats,
-                                          call.eps, tol)
+        mom, allow, cmp = reference_check(
+            x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol
+        )
     gaps = _train_eval_gap(call, mom, gamma, beta, rm, rv)
     update = None
     if call.updates_running_stats:
@@ -212,7 +213,9 @@ def _check_running_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     dv = _absdiff(rv1, exp.var)
     ok_m = bool((dm <= 4 * fin.eps * scale_m.nan_to_num(nan=0.0) + 1e-12).all().item())
     ok_v = bool((dv <= 4 * fin.eps * scale_v.nan_to_num(nan=0.0) + 1e-12).all().item())
-    nbt_ok = exp.num_batches_tracked is None or exp.num_batches_tracked == call.num_batches_tracked_after
+    nbt_ok = (
+        exp.num_batches_tracked is None or exp.num_batches_tracked == call.num_batches_tracked_after
+    )
     return RunningUpdate(
         momentum_used=k,
         max_abs_diff_mean=float(dm.max().item()) if dm.numel() else 0.0,
@@ -235,8 +238,10 @@ def _select(names: Sequence[str], globs: Sequence[str]) -> Callable[[str], bool]
     for g in globs:
         if not any(fnmatch.fnmatchcase(n, g) for n in names):
             close_names = difflib.get_close_matches(g, names, n=3, cutoff=0.5)
-            hint = "did you mean " + ", ".join(close_names) + "?" if close_names else (
-                "`bn-diff layers MODEL` lists them"
+            hint = (
+                "did you mean " + ", ".join(close_names) + "?"
+                if close_names
+                else ("`bn-diff layers MODEL` lists them")
             )
             raise UsageError(f"--layer {g!r} matches no BatchNorm layer", hint)
 
@@ -256,7 +261,9 @@ def as_inputs(inputs: Any) -> load_mod.Inputs:
         return load_mod.Inputs(tuple(inputs), {}, "tensors")
     if isinstance(inputs, dict):
         return load_mod.Inputs((), dict(inputs), "tensors")
-    raise UsageError(f"inputs must be a tensor, a tuple/list or a dict of tensors, not {type(inputs)}")
+    raise UsageError(
+        f"inputs must be a tensor, a tuple/list or a dict of tensors, not {type(inputs)}"
+    )
 
 
 def run(
@@ -294,7 +301,11 @@ def run(
 
         extensions = [HealthCheck(model, mode), *extensions]
 
-    nonfinite = [i for i, t in enumerate(inp.tensors()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    nonfinite = [
+        i
+        for i, t in enumerate(inp.tensors())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if nonfinite:
         findings.append(
             Finding(
@@ -376,7 +387,7 @@ def paused_gc() -> Iterator[None]:
 
 
 def run_device(model: nn.Module, inp: load_mod.Inputs) -> str:
-    """"cuda" when the inputs or the model's parameters are on a GPU, else "cpu" (or meta...)."""
+    """ "cuda" when the inputs or the model's parameters are on a GPU, else "cpu" (or meta...)."""
     return device_type([*inp.tensors(), *model.parameters()])
 
 
@@ -399,8 +410,10 @@ def _model_error(model: nn.Module, inp: load_mod.Inputs, e: Exception, mode: str
     first = _first_layer(model)
     if first is not None and re.search(r"channels|size mismatch|shape|mat1 and mat2", msg):
         name, m = first
-        want = getattr(m, "in_channels", None) or getattr(m, "in_features", None) or getattr(
-            m, "num_features", None
+        want = (
+            getattr(m, "in_channels", None)
+            or getattr(m, "in_features", None)
+            or getattr(m, "num_features", None)
         )
         return ModelError(
             f"the model cannot run on input {shapes}: its first layer {name} "
@@ -408,7 +421,10 @@ def _model_error(model: nn.Module, inp: load_mod.Inputs, e: Exception, mode: str
             "check the input file, or --input-shape",
         )
     if re.search(r"dtype|type \(|should be the same", msg):
-        return ModelError(f"the model cannot run on input {shapes}: {msg[:200]}", "cast the input to the model's dtype")
+        return ModelError(
+            f"the model cannot run on input {shapes}: {msg[:200]}",
+            "cast the input to the model's dtype",
+        )
     return ModelError(f"the model's forward failed on input {shapes}: {msg[:200]}", None)
 
 
@@ -427,8 +443,15 @@ def run_files(
 ) -> RunReport:
     """`bn-diff run MODEL INPUT`: load both, then `run`."""
     model, inp = load_model_and_inputs(
-        model_path, input_path, input_shape=input_shape, seed=seed, arch=arch, trust=trust,
-        imports=imports, pythonpath=pythonpath, device=device,
+        model_path,
+        input_path,
+        input_shape=input_shape,
+        seed=seed,
+        arch=arch,
+        trust=trust,
+        imports=imports,
+        pythonpath=pythonpath,
+        device=device,
     )
     return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
 
@@ -446,7 +469,9 @@ def load_model_and_inputs(
     device: str = "cpu",
 ) -> tuple[nn.Module, load_mod.Inputs]:
     """The load stage of `run`: the model and its inputs, both on `device`."""
-    model = load_mod.load_model(model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath)
+    model = load_mod.load_model(
+        model_path, arch=arch, trust=trust, imports=imports, pythonpath=pythonpath
+    )
     inp = load_inputs(input_path, input_shape, seed)
     if device != "cpu":
         check_device(device)
@@ -492,7 +517,9 @@ def describe_layers(model: nn.Module) -> list[dict[str, Any]]:
             rm = getattr(m, "running_mean", None)
             nbt = getattr(m, "num_batches_tracked", None)
             cfg = {
-                "num_features": int(getattr(m, "num_features", rm.numel() if rm is not None else 0)),
+                "num_features": int(
+                    getattr(m, "num_features", rm.numel() if rm is not None else 0)
+                ),
                 "eps": float(getattr(m, "eps", 0.0)),
                 "momentum": getattr(m, "momentum", None),
                 "affine": bool(getattr(m, "affine", True)),

@@ -271,7 +271,9 @@ class LayerResult:
             "min_atol": _num(self.min_atol),
             "min_rtol": _num(self.min_rtol),
             "train_eval_gap": _num(self.train_eval_gap),
-            "running_update": None if self.running_update is None else self.running_update.to_json(),
+            "running_update": None
+            if self.running_update is None
+            else self.running_update.to_json(),
         }
         if self.diagnosis:
             d["diagnosis"] = [h.to_json() for h in self.diagnosis]

@@ -27,7 +27,9 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     forum = models.forum_net()
     torch.save(forum, out / "forum_model.pt")
-    torch.save(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), out / "forum_input.pt")
+    torch.save(
+        torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), out / "forum_input.pt"
+    )
 
     cnn = models.calibrate(models.SmallCNN(), (16, 3, 32, 32))
     from safetensors.torch import save_file

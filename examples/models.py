@@ -81,7 +81,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNetStyle(nn.Module):
-    def __init__(self, blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, num_classes: int = 1000) -> None:
+    def __init__(
+        self, blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, num_classes: int = 1000
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -116,7 +118,9 @@ def resnet_tiny() -> nn.Module:
 
 
 # --- MobileNetV2 style --------------------------------------------------------------------------
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+def _conv_bn(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -134,7 +138,10 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn(cin, hidden, 1))
-        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            _conv_bn(hidden, cout, 1, act=False),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +151,19 @@ class InvertedResidual(nn.Module):
 
 class MobileNetStyle(nn.Module):
     # (expand, out channels, repeats, stride) as in MobileNetV2
-    CFG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    CFG = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
-    def __init__(self, num_classes: int = 1000, cfg: tuple[tuple[int, int, int, int], ...] | None = None) -> None:
+    def __init__(
+        self, num_classes: int = 1000, cfg: tuple[tuple[int, int, int, int], ...] | None = None
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [_conv_bn(3, 32, 3, 2)]
         cin = 32
@@ -184,7 +201,9 @@ def mlp_bn1d(features: int = 20, hidden: int = 32) -> nn.Module:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, shape: tuple[int, ...], batches: int = 4, seed: int = 0) -> nn.Module:
+def calibrate(
+    model: nn.Module, shape: tuple[int, ...], batches: int = 4, seed: int = 0
+) -> nn.Module:
     """Give BN layers realistic running statistics: a few train-mode batches, then eval()."""
     g = torch.Generator().manual_seed(seed)
     model.train()

@@ -12,8 +12,16 @@ import bn_diff
 
 
 def test_api_names_are_functions_even_after_every_submodule_is_imported() -> None:
-    for mod in ("explain_arith", "explain_results", "pipeline_explain", "check_export",
-                "check_report", "diagnose", "pipeline", "health"):
+    for mod in (
+        "explain_arith",
+        "explain_results",
+        "pipeline_explain",
+        "check_export",
+        "check_report",
+        "diagnose",
+        "pipeline",
+        "health",
+    ):
         importlib.import_module(f"bn_diff.{mod}")
     for name in ("run", "explain", "check"):
         assert callable(getattr(bn_diff, name)), name

@@ -35,7 +35,9 @@ class FunctionalBlock(nn.Module):
         self.gamma = nn.Parameter(torch.rand(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(self.conv(x), self.rm, self.rv, self.gamma, None, self.training, 0.2, 1e-4)
+        return F.batch_norm(
+            self.conv(x), self.rm, self.rv, self.gamma, None, self.training, 0.2, 1e-4
+        )
 
 
 def test_functional_batch_norm_reported_under_caller() -> None:
@@ -76,7 +78,9 @@ def test_frozen_batchnorm_that_ignores_its_eps_is_caught() -> None:
     class Hardcoded(FrozenBatchNorm2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # ignores self.eps: older torchvision
             scale = self.weight * self.running_var.rsqrt()
-            return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(1, -1, 1, 1)
+            return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(
+                1, -1, 1, 1
+            )
 
     hb = Hardcoded(4, eps=1e-2)
     hb.running_var.fill_(1e-4)
@@ -113,5 +117,7 @@ def test_bn_kinds_and_options() -> None:
     lazy(torch.randn(2, 3, 4, 4))  # materialise
     report = bn_diff.run(lazy.eval(), torch.randn(2, 3, 4, 4))
     assert report and report.layers[0].info.num_features == 3
-    tr = bn_diff.run(nn.BatchNorm3d(2, track_running_stats=False).eval(), torch.randn(2, 2, 3, 3, 3))
+    tr = bn_diff.run(
+        nn.BatchNorm3d(2, track_running_stats=False).eval(), torch.randn(2, 2, 3, 3, 3)
+    )
     assert tr.layers[0].info.stats == "batch" and tr.layers[0].info.mode == "eval"

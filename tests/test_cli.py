@@ -29,7 +29,12 @@ def _one_line_error(err: str) -> None:
 
 
 def test_demo_forum_case_exit_0(example_files: Path) -> None:
-    r = cli("run", str(example_files / "forum_model.pt"), str(example_files / "forum_input.pt"), "--trust")
+    r = cli(
+        "run",
+        str(example_files / "forum_model.pt"),
+        str(example_files / "forum_input.pt"),
+        "--trust",
+    )
     assert r.code == 0, r.err
     assert "train" in r.out and "batch" in r.out
     assert "in eval mode its output would move by up to" in r.out
@@ -39,8 +44,16 @@ def test_state_dict_with_arch_and_json_schema(example_files: Path, tmp_path: Pat
     out = tmp_path / "r.json"
     files = [example_files / "small_cnn.safetensors", example_files / "cnn_input.npy"]
     before = [_digest(p) for p in files]
-    r = cli("run", *map(str, files), "--arch", "models:small_cnn", "--pythonpath", str(ROOT / "examples"),
-            "--json", str(out))
+    r = cli(
+        "run",
+        *map(str, files),
+        "--arch",
+        "models:small_cnn",
+        "--pythonpath",
+        str(ROOT / "examples"),
+        "--json",
+        str(out),
+    )
     assert r.code == 0, r.err
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, SCHEMA)
@@ -51,8 +64,17 @@ def test_state_dict_with_arch_and_json_schema(example_files: Path, tmp_path: Pat
 
 
 def test_json_to_stdout_is_clean(example_files: Path) -> None:
-    r = cli("run", str(example_files / "small_cnn.pt"), str(example_files / "cnn_input.npy"),
-            "--arch", "models:small_cnn", "--pythonpath", str(ROOT / "examples"), "--json", "-")
+    r = cli(
+        "run",
+        str(example_files / "small_cnn.pt"),
+        str(example_files / "cnn_input.npy"),
+        "--arch",
+        "models:small_cnn",
+        "--pythonpath",
+        str(ROOT / "examples"),
+        "--json",
+        "-",
+    )
     assert r.code == 0, r.err
     doc = json.loads(r.out)
     jsonschema.validate(doc, SCHEMA)
@@ -76,9 +98,20 @@ def test_mismatch_exit_1(tmp_path: Path) -> None:
     import faulty_models
 
     torch.save(faulty_models.net().state_dict(), tmp_path / "w.pt")
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32))
-    r = cli("run", str(tmp_path / "w.pt"), str(tmp_path / "x.npy"), "--arch", "faulty_models:net",
-            "--pythonpath", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    np.save(
+        tmp_path / "x.npy", np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    )
+    r = cli(
+        "run",
+        str(tmp_path / "w.pt"),
+        str(tmp_path / "x.npy"),
+        "--arch",
+        "faulty_models:net",
+        "--pythonpath",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert r.code == 1, r.err
     assert "MISMATCH" in r.out and "Mismatched elements:" in r.out
     assert "Greatest absolute difference:" in r.out and "Minimum tolerance that would pass" in r.out
@@ -97,8 +130,16 @@ def test_mismatch_exit_1(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_exit_2(example_files: Path, args: list[str], needle: str) -> None:
-    r = cli("run", str(example_files / "small_cnn.pt"), str(example_files / "cnn_input.npy"),
-            "--arch", "models:small_cnn", "--pythonpath", str(ROOT / "examples"), *args)
+    r = cli(
+        "run",
+        str(example_files / "small_cnn.pt"),
+        str(example_files / "cnn_input.npy"),
+        "--arch",
+        "models:small_cnn",
+        "--pythonpath",
+        str(ROOT / "examples"),
+        *args,
+    )
     assert r.code == 2, (r.out, r.err)
     assert "Traceback" not in r.err
     assert needle in r.err
@@ -154,8 +195,15 @@ def test_batch_of_one_in_train_mode_explained(example_files: Path) -> None:
     assert r.code == 3
     _one_line_error(r.err)
     assert "one value per channel" in r.err and "--mode eval" in r.err
-    r = cli("run", str(example_files / "forum_model.pt"), "--input-shape", "1,3,1,1", "--trust",
-            "--mode", "eval")
+    r = cli(
+        "run",
+        str(example_files / "forum_model.pt"),
+        "--input-shape",
+        "1,3,1,1",
+        "--trust",
+        "--mode",
+        "eval",
+    )
     assert r.code == 0, r.err
 
 
@@ -176,21 +224,34 @@ def test_model_without_bn_says_so(tmp_path: Path) -> None:
     assert "no BatchNorm layers" in r.out
 
 
-def test_internal_error_exit_4_with_traceback(example_files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_error_exit_4_with_traceback(
+    example_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import bn_diff.pipeline as pipeline
 
     def boom(*_a: object, **_k: object) -> None:
         raise ZeroDivisionError("simulated bug")
 
     monkeypatch.setattr(pipeline, "check_call", boom)
-    r = cli("run", str(example_files / "forum_model.pt"), str(example_files / "forum_input.pt"), "--trust")
+    r = cli(
+        "run",
+        str(example_files / "forum_model.pt"),
+        str(example_files / "forum_input.pt"),
+        "--trust",
+    )
     assert r.code == 4
     assert "Traceback" in r.err and "simulated bug" in r.err and "internal error" in r.err
 
 
 def test_layers_command(example_files: Path) -> None:
-    r = cli("layers", str(example_files / "small_cnn.safetensors"), "--arch", "models:small_cnn",
-            "--pythonpath", str(ROOT / "examples"))
+    r = cli(
+        "layers",
+        str(example_files / "small_cnn.safetensors"),
+        "--arch",
+        "models:small_cnn",
+        "--pythonpath",
+        str(ROOT / "examples"),
+    )
     assert r.code == 0, r.err
     for name in ("conv1", "bn1", "conv3", "bn3"):
         assert name in r.out
@@ -198,8 +259,17 @@ def test_layers_command(example_files: Path) -> None:
 
 
 def test_layer_glob_shows_channel_table(example_files: Path) -> None:
-    r = cli("run", str(example_files / "small_cnn.pt"), str(example_files / "cnn_input.npy"),
-            "--arch", "models:small_cnn", "--pythonpath", str(ROOT / "examples"), "--layer", "bn2")
+    r = cli(
+        "run",
+        str(example_files / "small_cnn.pt"),
+        str(example_files / "cnn_input.npy"),
+        "--arch",
+        "models:small_cnn",
+        "--pythonpath",
+        str(ROOT / "examples"),
+        "--layer",
+        "bn2",
+    )
     assert r.code == 0
     assert "batch mean" in r.out and "bn1" not in r.out
     assert "more channels not shown" in r.out
@@ -207,9 +277,21 @@ def test_layer_glob_shows_channel_table(example_files: Path) -> None:
 
 def test_python_m_entry_point_subprocess(example_files: Path) -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "bn_diff", "run", str(example_files / "forum_model.pt"),
-         str(example_files / "forum_input.pt"), "--trust", "--json", "-"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bn_diff",
+            "run",
+            str(example_files / "forum_model.pt"),
+            str(example_files / "forum_input.pt"),
+            "--trust",
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["schema"] == "bn-diff/run/v1"
@@ -238,14 +320,28 @@ def test_trusted_pickle_of_custom_class_needs_its_module(tmp_path: Path) -> None
     r = cli("run", str(tmp_path / "m.pt"), str(tmp_path / "x.pt"), "--trust")
     assert r.code == 3 and "--pythonpath" in r.err
     _one_line_error(r.err)
-    r = cli("run", str(tmp_path / "m.pt"), str(tmp_path / "x.pt"), "--trust", "--pythonpath", str(pkg),
-            "--import", "mynet")
+    r = cli(
+        "run",
+        str(tmp_path / "m.pt"),
+        str(tmp_path / "x.pt"),
+        "--trust",
+        "--pythonpath",
+        str(pkg),
+        "--import",
+        "mynet",
+    )
     assert r.code == 0, r.err
 
 
 def test_json_into_missing_folder_is_one_line_exit_2(example_files: Path, tmp_path: Path) -> None:
-    r = cli("run", str(example_files / "forum_model.pt"), str(example_files / "forum_input.pt"),
-            "--trust", "--json", str(tmp_path / "no" / "such" / "r.json"))
+    r = cli(
+        "run",
+        str(example_files / "forum_model.pt"),
+        str(example_files / "forum_input.pt"),
+        "--trust",
+        "--json",
+        str(tmp_path / "no" / "such" / "r.json"),
+    )
     assert r.code == 2, (r.out, r.err)
     _one_line_error(r.err)
     assert "cannot write" in r.err

@@ -15,16 +15,32 @@ class AlteredEps(nn.BatchNorm2d):
     """Claims eps=1e-5 but computes with 1e-3 (a Keras/MXNet default)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            self.training, 0.0 if self.momentum is None else self.momentum, 1e-3)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            0.0 if self.momentum is None else self.momentum,
+            1e-3,
+        )
 
 
 class AlteredStats(nn.BatchNorm2d):
     """Running variance off by 1e-3 relative."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var * 1.001, self.weight, self.bias,
-                            False, 0.1, self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var * 1.001,
+            self.weight,
+            self.bias,
+            False,
+            0.1,
+            self.eps,
+        )
 
 
 class FusedReLU(nn.BatchNorm2d):
@@ -57,7 +73,9 @@ def _cnn_with(bad: nn.Module, small_var: bool = True) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("bad", [AlteredEps(4), AlteredStats(4), FusedReLU(4)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "bad", [AlteredEps(4), AlteredStats(4), FusedReLU(4)], ids=lambda m: type(m).__name__
+)
 def test_fault_is_caught_on_its_layer(bad: nn.Module) -> None:
     net = _cnn_with(bad)
     report = bn_diff.run(net, torch.randn(4, 3, 8, 8))
@@ -102,8 +120,11 @@ def test_explicit_tolerance_overrides_and_pairs() -> None:
 
 
 def test_healthy_real_architectures_agree() -> None:
-    for factory, shape in ((models.resnet_tiny, (4, 3, 32, 32)), (models.mobilenet_tiny, (4, 3, 32, 32)),
-                           (models.mlp_bn1d, (16, 20))):
+    for factory, shape in (
+        (models.resnet_tiny, (4, 3, 32, 32)),
+        (models.mobilenet_tiny, (4, 3, 32, 32)),
+        (models.mlp_bn1d, (16, 20)),
+    ):
         net = models.calibrate(factory(), shape)
         for mode in ("eval", "train"):
             report = bn_diff.run(net, torch.randn(shape) * 1.5 + 0.2, mode=mode)

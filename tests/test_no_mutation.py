@@ -10,7 +10,9 @@ from torch import nn
 import bn_diff
 
 
-def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[bool], list[tuple[int, ...]]]:
+def _snapshot(
+    model: nn.Module,
+) -> tuple[dict[str, torch.Tensor], list[bool], list[tuple[int, ...]]]:
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flags = [m.training for m in model.modules()]
     hooks = [
@@ -20,7 +22,9 @@ def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[bool], li
     return sd, flags, hooks
 
 
-def _assert_same(model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[bool], list[tuple[int, ...]]]) -> None:
+def _assert_same(
+    model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[bool], list[tuple[int, ...]]]
+) -> None:
     sd, flags, hooks = snap
     now = model.state_dict()
     assert set(now) == set(sd)
@@ -28,7 +32,8 @@ def _assert_same(model: nn.Module, snap: tuple[dict[str, torch.Tensor], list[boo
         assert now[k].dtype == sd[k].dtype and torch.equal(now[k], sd[k]), k
     assert [m.training for m in model.modules()] == flags
     assert [
-        (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
+        (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
     ] == hooks
 
 

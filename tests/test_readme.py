@@ -50,7 +50,11 @@ def test_readme_console_block(demo_files: None, command: str, expected: str) -> 
     if os.environ.get("BN_DIFF_UPDATE_SNAPSHOTS"):
         path = ROOT / "README.md"
         text = path.read_text(encoding="utf-8")
-        old = f"```console\n$ {command}\n{expected}\n```" if expected else f"```console\n$ {command}\n```"
+        old = (
+            f"```console\n$ {command}\n{expected}\n```"
+            if expected
+            else f"```console\n$ {command}\n```"
+        )
         assert old in text
         path.write_text(text.replace(old, f"```console\n$ {command}\n{got}\n```"), encoding="utf-8")
         return

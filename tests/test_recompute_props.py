@@ -48,7 +48,9 @@ def layers(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     return bn.to(dtype), x.to(dtype)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
 @given(layers())
 def test_healthy_layer_agrees(case: tuple[nn.Module, torch.Tensor]) -> None:
     bn, x = case
@@ -102,7 +104,9 @@ def test_by_hand_equals_pytorch_float64(case: tuple[nn.Module, torch.Tensor]) ->
     st.floats(-1e4, 1e4),
     st.floats(1e-3, 1e2),
 )
-def test_chunked_moments_match_direct(n: int, c: int, spatial: list[int], loc: float, scale: float) -> None:
+def test_chunked_moments_match_direct(
+    n: int, c: int, spatial: list[int], loc: float, scale: float
+) -> None:
     """Chan's chunk merge gives the same statistics as a direct float64 computation."""
     from bn_diff import recompute
 

@@ -28,7 +28,9 @@ def check_snapshot(name: str, text: str) -> None:
     path = SNAPSHOTS / name
     if os.environ.get("BN_DIFF_UPDATE_SNAPSHOTS") or not path.exists():
         path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"snapshot {name} changed; diff it, then regenerate"
+    assert text == path.read_text(encoding="utf-8"), (
+        f"snapshot {name} changed; diff it, then regenerate"
+    )
 
 
 def _calibrated_cnn() -> nn.Module:
@@ -38,13 +40,17 @@ def _calibrated_cnn() -> nn.Module:
 
 class EpsTypo(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-3)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-3
+        )
 
 
 def test_snapshot_healthy_eval_cnn() -> None:
     net = _calibrated_cnn()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).double()
-    report = bn_diff.run(net.double(), x, model_name="small_cnn.safetensors", input_name="cnn_input.npy")
+    report = bn_diff.run(
+        net.double(), x, model_name="small_cnn.safetensors", input_name="cnn_input.npy"
+    )
     check_snapshot("run_small_cnn.txt", _render(report))
 
 
@@ -65,6 +71,7 @@ def test_snapshot_mismatch_with_channel_table() -> None:
 def test_snapshot_forum_case_train_mode() -> None:
     net = models.forum_net()
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).double()
-    report = bn_diff.run(net.double(), x, model_name="forum_model.pt", input_name="forum_input.pt",
-                         layers=["bn"])
+    report = bn_diff.run(
+        net.double(), x, model_name="forum_model.pt", input_name="forum_input.pt", layers=["bn"]
+    )
     check_snapshot("run_forum.txt", _render(report, detail=lambda _lr: True))

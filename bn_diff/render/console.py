@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
@@ -97,7 +97,7 @@ def layer_signature(lr: LayerResult) -> str:
 
 def summary_table(report: RunReport) -> Table:
     t = Table(title=None, header_style="bn.head", show_edge=False, pad_edge=False, box=None)
-    for col, just in (
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
         ("layer", "left"),
         ("type", "left"),
         ("mode", "left"),
@@ -110,8 +110,11 @@ def summary_table(report: RunReport) -> Table:
         ("bad", "right"),
         ("gap", "right"),
         ("", "left"),
-    ):
-        t.add_column(col, justify=just, no_wrap=col in ("type", "max |Δ|", "bad", "C", "", "mode", "stats"))  # type: ignore[arg-type]
+    )
+    for col, just in columns:
+        t.add_column(
+            col, justify=just, no_wrap=col in ("type", "max |Δ|", "bad", "C", "", "mode", "stats")
+        )
     for lr in report.layers:
         i = lr.info
         t.add_row(
@@ -146,7 +149,17 @@ def _key(x: float) -> float:
 
 def channel_table(lr: LayerResult, all_channels: bool = False) -> tuple[Table, int]:
     t = Table(header_style="bn.head", show_edge=False, pad_edge=False, box=None)
-    for col in ("ch", "batch mean", "batch var", "run mean", "run var", "gamma", "beta", "max |Δ|", "bad"):
+    for col in (
+        "ch",
+        "batch mean",
+        "batch var",
+        "run mean",
+        "run var",
+        "gamma",
+        "beta",
+        "max |Δ|",
+        "bad",
+    ):
         t.add_column(col, justify="right", no_wrap=True)
     rows, left_out = _rows(lr, all_channels)
     for c in rows:
@@ -205,8 +218,10 @@ def layer_detail(console: Console, lr: LayerResult, all_channels: bool) -> None:
     head.append(f"  {layer_signature(lr)}")
     console.print(head)
     sub = Text("  ")
-    sub.append(f"{i.mode} mode: normalized with the {i.stats} statistics",
-               style="bn.warn" if i.mode == "train" else "")
+    sub.append(
+        f"{i.mode} mode: normalized with the {i.stats} statistics",
+        style="bn.warn" if i.mode == "train" else "",
+    )
     if i.producer:
         sub.append(f"; input from {i.producer}", style="bn.dim")
     console.print(sub)
@@ -257,7 +272,7 @@ def findings_table(findings: Sequence[Finding]) -> Table:
 
 
 def findings_count(findings: Sequence[Finding]) -> str:
-    """"3 findings: 1 error, 2 warnings" (severities in order, only those present)."""
+    """ "3 findings: 1 error, 2 warnings" (severities in order, only those present)."""
     n = len(findings)
     parts = []
     for sev in ("error", "warning", "info"):
@@ -277,7 +292,9 @@ def render_run(
     console.print(Text(f"bn-diff run  {report.model}  on  {report.input}", style="bn.head"))
     tol = report.tolerance
     if tol.explicit:
-        console.print(Text(f"tolerance: atol={tol.atol:g}, rtol={tol.rtol:g} (explicit)", style="bn.dim"))
+        console.print(
+            Text(f"tolerance: atol={tol.atol:g}, rtol={tol.rtol:g} (explicit)", style="bn.dim")
+        )
     else:
         console.print(
             Text(
@@ -329,10 +346,15 @@ def verdict(report: RunReport) -> Text:
         t.append(f"\n  {findings_count(report.all_findings)} (listed above).", style=style)
     failing = report.failing_findings
     if failing:
-        t.append(f"\n✘ {len(failing)} finding(s) at or above --fail-on {report.fail_on}.", style="bn.mismatch")
+        t.append(
+            f"\n✘ {len(failing)} finding(s) at or above --fail-on {report.fail_on}.",
+            style="bn.mismatch",
+        )
     if report.reference_ok is False:
         first = report.extra.get("reference", {}).get("first_divergent")
-        t.append(f"\n✘ the reference diverges from PyTorch (first at {first}).", style="bn.mismatch")
+        t.append(
+            f"\n✘ the reference diverges from PyTorch (first at {first}).", style="bn.mismatch"
+        )
     return t
 
 
@@ -396,8 +418,10 @@ def render_layers(rows: list[dict[str, Any]], model: str, console: Console) -> N
     n_bn = sum(r["kind"] == "batchnorm" for r in rows)
     n_train = sum(r["kind"] == "batchnorm" and bool(r["config"]["training"]) for r in rows)
     console.print(
-        Text(f"{n_bn} BatchNorm layers ({n_train} in train mode), "
-             f"{sum(r['kind'] == 'conv' for r in rows)} convs.")
+        Text(
+            f"{n_bn} BatchNorm layers ({n_train} in train mode), "
+            f"{sum(r['kind'] == 'conv' for r in rows)} convs."
+        )
     )
 
 

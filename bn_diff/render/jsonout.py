@@ -30,7 +30,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report should be readable like any file
+        os.fchmod(
+            fd, 0o666 & ~umask
+        )  # mkstemp makes 0600; a report should be readable like any file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
