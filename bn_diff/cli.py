@@ -96,6 +96,15 @@ PathOpt = Annotated[
         "--pythonpath", metavar="DIR", help="Add DIR to sys.path for --arch / --import. Repeatable."
     ),
 ]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        metavar="N,C,H,W",
+        help="No input file: a synthetic standard-normal input of this shape.",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the synthetic input.")]
 NoColorOpt = Annotated[
     bool, typer.Option("--no-color", help="No colour (also: NO_COLOR, non-TTY).")
 ]
@@ -152,15 +161,8 @@ def run(
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--input-shape",
-            metavar="N,C,H,W",
-            help="No input file: a synthetic standard-normal input of this shape.",
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic input.")] = 0,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
     channels: Annotated[
         Channels,
         typer.Option(
@@ -371,14 +373,7 @@ def explain(
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--input-shape",
-            metavar="N,C,H,W",
-            help="No input file: a synthetic standard-normal input of this shape.",
-        ),
-    ] = None,
+    input_shape: InputShapeOpt = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of the synthetic input (default 0).")
     ] = None,
@@ -491,15 +486,8 @@ def check(
     arch: ArchOpt = None,
     import_: ImportOpt = None,
     pythonpath: PathOpt = None,
-    input_shape: Annotated[
-        str | None,
-        typer.Option(
-            "--input-shape",
-            metavar="N,C,H,W",
-            help="No input file: a synthetic standard-normal input of this shape.",
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic input.")] = 0,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:

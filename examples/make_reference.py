@@ -28,7 +28,7 @@ def foreign_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     hooks = [
         m.register_forward_hook(
-            lambda _m, _a, y, name=name: out.__setitem__(name, y.detach().numpy())
+            lambda _m, _a, y, name=name: out.__setitem__(name, y.detach().numpy().copy())
         )
         for name, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))

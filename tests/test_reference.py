@@ -35,19 +35,9 @@ def cli(argv: list[str]) -> int:
 
 def outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every conv and BN output of one forward, by qualified name (what a user would save)."""
-    got: dict[str, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_hook(
-            lambda _m, _a, out, name=name: got.__setitem__(name, out.detach().clone())
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return got
+    from make_reference import foreign_outputs
+
+    return {k: torch.from_numpy(v) for k, v in foreign_outputs(model, x).items()}
 
 
 def forum_reference() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
