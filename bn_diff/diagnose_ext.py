@@ -9,7 +9,6 @@ referenced layer, in execution order, whose output differs from PyTorch's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,27 +17,12 @@ import torch
 
 from . import pipeline
 from .capture import CONV_TYPES, BnCall, named_modules
-from .compare import resolve
+from .compare import close, resolve
 from .diagnose import diagnose
 from .errors import UsageError
 from .loadsafe import display
-from .recompute import F64, chunks
 from .reference import Reference, check_names, layouts, load_reference
 from .results import Finding, Hypothesis, LayerResult, RunReport, Tolerance
-
-
-def close_to(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
-    """(max |a - b|, every element within atol + rtol·|b|), chunk by chunk in float64."""
-    worst, ok = 0.0, True
-    for ns, cs in chunks(b.shape):
-        ac, bc = a[ns, cs].to(F64), b[ns, cs].to(F64)
-        d = (ac - bc).abs()
-        d = torch.where((ac == bc) | (ac.isnan() & bc.isnan()), torch.zeros_like(d), d)
-        d = d.nan_to_num(nan=float("inf"))
-        if d.numel():
-            worst = max(worst, float(d.max().item()))
-            ok = ok and bool((d <= atol + rtol * bc.abs().nan_to_num(nan=0.0)).all().item())
-    return worst, ok
 
 
 def _order(run: tuple[str, torch.Tensor, tuple[Hypothesis, ...]]) -> tuple[int, int, float]:
@@ -79,7 +63,7 @@ class ReferenceCheck:
             readings = layouts(
                 self.ref.tensors[in_key], tuple(x.shape), self.ref.layout, in_key, "input"
             )
-            scored = [(lay, t, *close_to(t.to(x.device), x, atol, rtol)) for lay, t in readings]
+            scored = [(lay, t, *close(t.to(x.device), x, atol, rtol)) for lay, t in readings]
             lay, x_ref, diff, ok = min(scored, key=lambda r: r[2])
             info["producer"] = {"name": in_key, "layout": lay, "max_abs_diff": diff, "ok": ok}
             if not ok:
@@ -96,7 +80,7 @@ class ReferenceCheck:
             ]
             lay, y_ref, hyps = min(runs, key=_order)
             atol, rtol = resolve(self.tol, y.dtype)
-            diff, _ = close_to(y_ref.to(y.device), y, atol, rtol)
+            diff, _ = close(y_ref.to(y.device), y, atol, rtol)
             info.update(
                 layout=lay, max_abs_diff=diff, explained_as=hyps[0].hypothesis if hyps else None
             )
@@ -203,27 +187,15 @@ def run_files_with_reference(
     reference: Path,
     reference_layer: str | None = None,
     reference_layout: str = "auto",
-    input_shape: str | None = None,
-    seed: int = 0,
-    arch: str | None = None,
-    trust: bool = False,
-    imports: Sequence[str] = (),
-    pythonpath: Sequence[str] = (),
-    device: str = "cpu",
     **kwargs: Any,
 ) -> RunReport:
-    """`bn-diff run MODEL INPUT --reference FILE`: `pipeline.run` plus the reference check."""
+    """`bn-diff run MODEL INPUT --reference FILE`: `pipeline.run` plus the reference check.
+
+    Other keyword options are those of `pipeline.run_files`.
+    """
     ref = load_reference(reference, reference_layer, reference_layout)
     model, inp = pipeline.load_model_and_inputs(
-        model_path,
-        input_path,
-        input_shape=input_shape,
-        seed=seed,
-        arch=arch,
-        trust=trust,
-        imports=imports,
-        pythonpath=pythonpath,
-        device=device,
+        model_path, input_path, **pipeline.split_load_options(kwargs)
     )
     bns = pipeline.bn_layer_names(model)
     convs = [n for n, m in named_modules(model) if isinstance(m, CONV_TYPES)]

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import load as load_mod
 from .capture import BnCall, Capture, is_bn_like, named_modules
-from .compare import Comparison, close, compare, dtype_name, resolve, rounding_allowance
+from .compare import Comparison, absdiff, close, compare, dtype_name, resolve, rounding_allowance
 from .device import device_type, tf32_finding
 from .errors import BnDiffError, ModelError, UsageError
 from .fused import fused_check
@@ -189,14 +189,6 @@ def _train_eval_gap(
     return torch.maximum((da * mom.min + db).abs(), (da * mom.max + db).abs())
 
 
-def _absdiff(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """|actual - expected| in float64, 0 where both are NaN or equal, inf where only one is NaN."""
-    a = actual.double()
-    d = (a - expected).abs()
-    same = (a == expected) | (a.isnan() & expected.isnan())
-    return torch.where(same, torch.zeros_like(d), d).nan_to_num(nan=float("inf"))
-
-
 def _check_running_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     rm0, rv0 = call.running_mean_before, call.running_var_before
     rm1, rv1 = call.running_mean_after, call.running_var_after
@@ -209,8 +201,8 @@ def _check_running_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     scale_m = rm0.double().abs() + k * mom.absmax + exp.mean.abs()
     unb = m / (m - 1) if m > 1 else 1.0
     scale_v = rv0.double().abs() + k * unb * mom.absmax**2 + exp.var.abs()
-    dm = _absdiff(rm1, exp.mean)
-    dv = _absdiff(rv1, exp.var)
+    dm = absdiff(rm1, exp.mean)
+    dv = absdiff(rv1, exp.var)
     ok_m = bool((dm <= 4 * fin.eps * scale_m.nan_to_num(nan=0.0) + 1e-12).all().item())
     ok_v = bool((dv <= 4 * fin.eps * scale_v.nan_to_num(nan=0.0) + 1e-12).all().item())
     nbt_ok = (
@@ -428,31 +420,18 @@ def _model_error(model: nn.Module, inp: load_mod.Inputs, e: Exception, mode: str
     return ModelError(f"the model's forward failed on input {shapes}: {msg[:200]}", None)
 
 
-def run_files(
-    model_path: Path,
-    input_path: Path | None,
-    *,
-    input_shape: str | None = None,
-    seed: int = 0,
-    arch: str | None = None,
-    trust: bool = False,
-    imports: Sequence[str] = (),
-    pythonpath: Sequence[str] = (),
-    device: str = "cpu",
-    **kwargs: Any,
-) -> RunReport:
-    """`bn-diff run MODEL INPUT`: load both, then `run`."""
-    model, inp = load_model_and_inputs(
-        model_path,
-        input_path,
-        input_shape=input_shape,
-        seed=seed,
-        arch=arch,
-        trust=trust,
-        imports=imports,
-        pythonpath=pythonpath,
-        device=device,
-    )
+LOAD_OPTIONS = ("input_shape", "seed", "arch", "trust", "imports", "pythonpath", "device")
+"""Keyword options of `run_files` that belong to the load stage (`load_model_and_inputs`)."""
+
+
+def split_load_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the load-stage options from `kwargs` and return them."""
+    return {k: kwargs.pop(k) for k in LOAD_OPTIONS if k in kwargs}
+
+
+def run_files(model_path: Path, input_path: Path | None, **kwargs: Any) -> RunReport:
+    """`bn-diff run MODEL INPUT`: load both (LOAD_OPTIONS), then `run` (the other options)."""
+    model, inp = load_model_and_inputs(model_path, input_path, **split_load_options(kwargs))
     return run(model, inp, model_name=display(model_path), input_name=inp.source, **kwargs)
 
 
