@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import kernels
 from .recompute import F64
 from .results import Tolerance
 
@@ -224,6 +225,10 @@ def fused_pass(
     dev = xv.device
     m = n * length
     pivot = _pivot(xv) if pivot is None else pivot
+    if kernels.wanted(xv, yv):
+        done = _compiled_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target, pivot)
+        if done is not None:
+            return done
     p3 = pivot.view(1, -1, 1)
     per, groups = plan(n, c, length, target)
     mode = "rows" if per == 1 and length >= ROW_MIN else ("fold1" if length == 1 else "fold")
@@ -306,6 +311,56 @@ def fused_pass(
         lo=slots(los),
         xmin=slots(xmins).amin(0).to(F64),
         xmax=slots(xmaxs).amax(0).to(F64),
+        target=target,
+    )
+
+
+def _compiled_pass(
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    rm: torch.Tensor | None,
+    rv: torch.Tensor | None,
+    batch: bool,
+    eps: float,
+    target: int,
+    pivot: torch.Tensor,
+) -> Partials | None:
+    """`fused_pass` in the "rows" layout by the compiled kernels (bn_diff/kernels.py): one read of
+    x and y in eval mode, a statistics read of x first in train mode. None when they fail."""
+    p = pivot.view(-1, 1)
+    sums: tuple[torch.Tensor, ...] | None = None
+    if batch:
+        sums = kernels.call("sums", xv, p)
+        if sums is None:
+            return None
+        s1, s2 = sums[0].sum(0), sums[1].sum(0)
+        m = int(xv.shape[0] * xv.shape[2])
+        mean_p = s1 / m
+        var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
+        a = gamma / torch.sqrt(var + eps)
+        na, nb = -a, a * mean_p - beta
+    else:
+        assert rm is not None and rv is not None
+        a = gamma / torch.sqrt(rv + eps)
+        na, nb = -a, a * (rm - pivot) - beta
+    out = kernels.call("full", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
+    if out is None:
+        return None
+    kernels.count_layer()
+    s1r, s2r, h0, l0, h1, l1, xmax, xmin = out
+    if sums is not None:  # the statistics the coefficients came from
+        s1r, s2r, xmax, xmin = sums
+    return Partials(
+        layout="rows",
+        pivot=pivot,
+        s1=s1r,
+        s2=s2r,
+        hi=torch.stack((h0, h1)),
+        lo=torch.stack((l0, l1)),
+        xmin=xmin.amin(0).to(F64),
+        xmax=xmax.amax(0).to(F64),
         target=target,
     )
 
