@@ -46,6 +46,12 @@ class FailOn(str, Enum):
     error = "error"
 
 
+class Kernel(str, Enum):
+    auto = "auto"
+    compiled = "compiled"
+    eager = "eager"
+
+
 class Channels(str, Enum):
     auto = "auto"
     all = "all"
@@ -207,6 +213,15 @@ def run(
             "--reference-layout", help="Layout of the reference tensors (auto tries both)."
         ),
     ] = RefLayout.auto,
+    kernel: Annotated[
+        Kernel | None,
+        typer.Option(
+            help="How the check runs: compiled (torch.compile, one pass per layer; seconds to "
+            "compile once), eager, or auto (compiles once the work pays for it). Same verdict. "
+            "[default: $BN_DIFF_KERNEL or auto]",
+            show_default=False,
+        ),
+    ] = None,
     no_color: NoColorOpt = False,
     traceback_: TracebackOpt = False,
 ) -> None:
@@ -247,6 +262,7 @@ def run(
                 layers=layer or (),
                 progress=progress,
                 fail_on=None if fail_on is None else fail_on.value,
+                kernel=None if kernel is None else kernel.value,
             )
     except BnDiffError as e:
         _fail(e)

@@ -330,12 +330,13 @@ def _compiled_pass(
     """`fused_pass` in the "rows" layout by the compiled kernels (bn_diff/kernels.py): one read of
     x and y in eval mode, a statistics read of x first in train mode. None when they fail."""
     p = pivot.view(-1, 1)
+    lay = kernels.layout(int(xv.shape[2]))
     sums: tuple[torch.Tensor, ...] | None = None
     if batch:
-        sums = kernels.call("sums", xv, p)
+        sums = kernels.call(lay, "sums", xv, p)
         if sums is None:
             return None
-        s1, s2 = sums[0].sum(0), sums[1].sum(0)
+        s1, s2 = (sums[0].sum(0), sums[1].sum(0)) if lay == "rows" else (sums[0], sums[1])
         m = int(xv.shape[0] * xv.shape[2])
         mean_p = s1 / m
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
@@ -345,15 +346,19 @@ def _compiled_pass(
         assert rm is not None and rv is not None
         a = gamma / torch.sqrt(rv + eps)
         na, nb = -a, a * (rm - pivot) - beta
-    out = kernels.call("full", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
+    out = kernels.call(lay, "full", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
     if out is None:
         return None
     kernels.count_layer()
     s1r, s2r, h0, l0, h1, l1, xmax, xmin = out
     if sums is not None:  # the statistics the coefficients came from
         s1r, s2r, xmax, xmin = sums
+    if lay == "fold":  # one slot per channel
+        s1r, s2r, h0, l0, h1, l1, xmax, xmin = (
+            t.unsqueeze(0) for t in (s1r, s2r, h0, l0, h1, l1, xmax, xmin)
+        )
     return Partials(
-        layout="rows",
+        layout=lay,
         pivot=pivot,
         s1=s1r,
         s2=s2r,

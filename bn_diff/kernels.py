@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,8 @@ AUTO_ELEMS = 1 << 30
 """Elements checked in this process before "auto" compiles. The compiled pass saves ~1.3 ns per
 element on the 2-core reference machine; 2^30 elements save more than a warm-cache compile costs."""
 MIN_PLANE = 128
-"""Planes shorter than this stay on the eager pass (its "fold" layout): per-row reductions of a
-few values waste the vector units, and such layers are small."""
+"""Planes of at least this many values get partial results per (sample, channel) row ("rows");
+shorter ones per channel ("fold"), as in the eager pass (fused.ROW_MIN)."""
 MAX_PLANE = 1 << 22
 """Planes longer than this stay on the eager pass (its "split" layout): locating the greatest
 difference gathers one plane in float64, which must stay small next to the activation."""
@@ -47,7 +48,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # inductor would otherwise store y - e and (y - e)/e to memory because several reductions read
 # them; with these limits raised it keeps all reductions in the loop that reads x and y
-_OPTIONS = {
+_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "realize_reads_threshold": 1 << 10,
     "realize_opcount_threshold": 1 << 10,
     "realize_cpu_opcount_threshold": 1 << 10,
@@ -70,7 +71,7 @@ class _State:
 
 _state = _State()
 _lock = threading.Lock()
-_compiled: dict[str, Callable[..., Any]] = {}
+_compiled: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
 def policy() -> str:
@@ -86,6 +87,20 @@ def set_policy(value: str | None) -> None:
     if value is not None and value not in POLICIES:
         raise ValueError(f"kernel policy must be one of {', '.join(POLICIES)}, not {value!r}")
     _state.policy = value
+
+
+@contextmanager
+def using(value: str | None) -> Iterator[None]:
+    """The policy `value` for a block (None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = _state.policy
+    set_policy(value)
+    try:
+        yield
+    finally:
+        _state.policy = old
 
 
 def status() -> dict[str, Any]:
@@ -110,7 +125,7 @@ def eligible(xv: torch.Tensor, yv: torch.Tensor) -> bool:
     return (
         xv.dtype in DTYPES
         and yv.dtype == xv.dtype
-        and MIN_PLANE <= length <= MAX_PLANE
+        and length <= MAX_PLANE
         and n * c <= MAX_ROWS
         and xv.device.type in ("cpu", "cuda")
     )
@@ -134,54 +149,66 @@ def _dispatch_mode_active() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
-def _full(
-    x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Per (sample, channel) row of (N, C, L) x, y: Σ(x-p), Σ(x-p)², max/min of y-e and of
-    (y-e)/(-e), max/min of x; p, na, nb are (C, 1) float64 and -e = na·(x-p) + nb."""
-    xd = x.to(F64) - p
-    ne = na * xd + nb
-    r = y.to(F64) + ne
-    q = r / ne
-    return (
-        xd.sum(-1),
-        (xd * xd).sum(-1),
-        r.amax(-1),
-        r.amin(-1),
-        q.amax(-1),
-        q.amin(-1),
-        x.amax(-1),
-        x.amin(-1),
-    )
+def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor, ...]]]:
+    """The two kernels for one layout: `reduce` are the axes of (N, C, L) summed per slot, (2,)
+    for "rows" (a slot per sample and channel), (0, 2) for "fold" (a slot per channel)."""
+
+    def full(
+        x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Per slot: Σ(x-p), Σ(x-p)², max/min of y-e and of (y-e)/(-e), max/min of x; p, na, nb
+        are (C, 1) float64 and -e = na·(x-p) + nb."""
+        xd = x.to(F64) - p
+        ne = na * xd + nb
+        r = y.to(F64) + ne
+        q = r / ne
+        return (
+            xd.sum(reduce),
+            (xd * xd).sum(reduce),
+            r.amax(reduce),
+            r.amin(reduce),
+            q.amax(reduce),
+            q.amin(reduce),
+            x.amax(reduce),
+            x.amin(reduce),
+        )
+
+    def sums(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per slot: Σ(x-p), Σ(x-p)², max x, min x (the statistics pass of train mode)."""
+        xd = x.to(F64) - p
+        return xd.sum(reduce), (xd * xd).sum(reduce), x.amax(reduce), x.amin(reduce)
+
+    return {"full": full, "sums": sums}
 
 
-def _sums(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per row: Σ(x-p), Σ(x-p)², max x, min x (the statistics pass of train mode)."""
-    xd = x.to(F64) - p
-    return xd.sum(-1), (xd * xd).sum(-1), x.amax(-1), x.amin(-1)
+_SOURCES = {"rows": _make((2,)), "fold": _make((0, 2))}
 
 
-_SOURCES: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {"full": _full, "sums": _sums}
+def layout(length: int) -> str:
+    """ "rows" for planes of at least MIN_PLANE values, else "fold" (the eager pass's choice)."""
+    return "rows" if length >= MIN_PLANE else "fold"
 
 
-def _kernel(name: str) -> Callable[..., Any]:
+def _kernel(key: tuple[str, str]) -> Callable[..., Any]:
     with _lock:
-        fn = _compiled.get(name)
+        fn = _compiled.get(key)
         if fn is None:
-            fn = torch.compile(_SOURCES[name], dynamic=True, fullgraph=True, options=_OPTIONS)
-            _compiled[name] = fn
+            src = _SOURCES[key[0]][key[1]]
+            fn = torch.compile(src, dynamic=True, fullgraph=True, options=_OPTIONS)
+            _compiled[key] = fn
         return fn
 
 
-def call(name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """Run kernel `name` ("full" or "sums"); None (and the compiled path off for this process)
-    when it cannot be compiled or run."""
+def call(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Run kernel `name` ("full" or "sums") of layout `lay` ("rows" or "fold"); None (and the
+    compiled path off for this process) when it cannot be compiled or run."""
     try:
         import torch._dynamo
 
-        # a recompile past dynamo's limit would otherwise run _full eagerly, on whole tensors
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            out = _kernel(name)(*args)
+        # past dynamo's recompile limit the kernel would silently run eagerly, on whole float64
+        # tensors: raise instead (dtypes, devices and 0/1-sized dimensions each compile once)
+        with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+            out = _kernel((lay, name))(*args)
     except Exception as e:  # no compiler, no Triton, an unsupported build: the eager pass serves
         _state.failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
         return None

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels
 from . import load as load_mod
 from .capture import BnCall, Capture, is_bn_like, named_modules
 from .compare import Comparison, absdiff, close, compare, dtype_name, resolve, rounding_allowance
@@ -272,14 +273,53 @@ def run(
     input_name: str = "",
     fail_on: str | None = None,
     health: bool = True,
+    kernel: str | None = None,
 ) -> RunReport:
     """Run `model` on `inputs`, check every BatchNorm call, and leave the model as found.
 
     `inputs` is a tensor, a tuple/list of tensors (positional), a dict (keyword), or `Inputs`.
     `health` adds the health findings (bn_diff/health.py) before any other `extensions`.
+    `kernel` ("auto", "compiled", "eager"; None: $BN_DIFF_KERNEL or "auto") chooses how the
+    fused pass runs (bn_diff/kernels.py): the verdict is the same, only the time differs.
     """
     if mode not in ("as-is", "train", "eval"):
         raise UsageError(f"--mode must be as-is, train or eval, not {mode!r}")
+    if kernel is not None and kernel not in kernels.POLICIES:
+        raise UsageError(
+            f"--kernel must be {', '.join(kernels.POLICIES)}, not {kernel!r}",
+            "auto compiles once the work pays for it; eager never compiles",
+        )
+    with kernels.using(kernel):
+        return _run(
+            model,
+            inputs,
+            mode,
+            atol,
+            rtol,
+            layers,
+            extensions,
+            progress,
+            model_name,
+            input_name,
+            fail_on,
+            health,
+        )
+
+
+def _run(
+    model: nn.Module,
+    inputs: Any,
+    mode: str,
+    atol: float | None,
+    rtol: float | None,
+    layers: Sequence[str],
+    extensions: Sequence[Extension],
+    progress: Progress | None,
+    model_name: str,
+    input_name: str,
+    fail_on: str | None,
+    health: bool,
+) -> RunReport:
     if fail_on not in (None, "info", "warning", "error"):
         raise UsageError(f"--fail-on must be warning or error, not {fail_on!r}")
     tol = make_tolerance(atol, rtol)
@@ -331,6 +371,7 @@ def run(
             progress(len(results), len(names), call.name)
 
     refuse_unsupported(model)
+    kernel_failure = kernels.status()["failure"]
     cap = Capture(model, on_bn, mode=mode)
     failure: Exception | None = None
     try:
@@ -347,6 +388,17 @@ def run(
     if failure is not None:
         raise _model_error(model, inp, failure, mode) from None
     findings.extend(capture_findings(cap))
+    failure_now = kernels.status()["failure"]
+    if failure_now is not None and failure_now != kernel_failure:
+        findings.append(
+            Finding(
+                "kernel_unavailable",
+                "info",
+                f"the compiled check kernel could not be used ({failure_now}); every layer was "
+                "checked by the eager pass instead: same verdict, more time",
+                "install a C++ compiler (CPU) or Triton (GPU), or pass --kernel eager",
+            )
+        )
 
     if not names and not results:
         findings.append(

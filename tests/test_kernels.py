@@ -1,0 +1,262 @@
+"""The compiled kernels (bn_diff/kernels.py) give the reference path's verdict, and the policy that
+chooses them behaves: "eager" never compiles, "auto" waits for enough work, a failing compiler
+falls back to the eager pass, and no kernel call materialises an activation-sized float64 tensor.
+
+Compiling costs seconds per (layout, kernel, dtype, 0/1-sized axis) in a fresh process: the shapes
+here are few and small on purpose.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fused import assert_same, make_case
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bn_diff
+from bn_diff import kernels
+from bn_diff.fused import fused_check
+from bn_diff.pipeline import make_tolerance
+from bn_diff.recompute import F64
+
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="inductor's C++ kernels need a compiler setup CI lacks there"
+)
+
+
+@pytest.fixture
+def compiled() -> Iterator[None]:
+    kernels.set_policy("compiled")
+    kernels.reset()
+    try:
+        yield
+    finally:
+        kernels.set_policy(None)
+        kernels.reset()
+
+
+def used() -> int:
+    return int(kernels.status()["compiled_layers"])
+
+
+# planes of 1 (BatchNorm1d), < MIN_PLANE ("fold") and >= MIN_PLANE ("rows"); batches of 1 and more
+SHAPES = [(3, 5), (2, 3, 4, 5), (1, 4, 16, 16), (3, 2, 12, 13)]
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    shape=st.sampled_from(SHAPES),
+    train=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    offset=st.sampled_from([(0.0, 1.0), (1000.0, 0.1), (3.0, 0.5)]),
+    fault=st.sampled_from(["none", "one", "channel", "nan"]),
+)
+def test_compiled_kernel_equals_reference(
+    compiled: None,
+    shape: tuple[int, ...],
+    train: bool,
+    seed: int,
+    offset: tuple[float, float],
+    fault: str,
+) -> None:
+    case = make_case(shape, torch.float32, train, seed, *offset)
+    y = case["y"]
+    assert isinstance(y, torch.Tensor)
+    flat = y.view(-1)
+    if fault == "one":
+        flat[seed % flat.numel()] += 0.01
+    elif fault == "channel":
+        y[:, seed % shape[1]] *= 1.001
+    elif fault == "nan":
+        flat[seed % flat.numel()] = float("nan")
+    before = used()
+    assert_same(case, make_tolerance(None, None))
+    assert used() == before + 1  # the kernel, not the eager pass, did it
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("train", [False, True])
+def test_half_precision_layers(compiled: None, dtype: torch.dtype, train: bool) -> None:
+    case = make_case((2, 3, 12, 12), dtype, train, seed=5)
+    assert_same(case, make_tolerance(None, None))
+    assert used() == 1
+
+
+def test_float64_layers_stay_on_the_eager_pass(compiled: None) -> None:
+    case = make_case((2, 3, 12, 12), torch.float64, False, seed=1)
+    assert_same(case, make_tolerance(None, None))
+    assert used() == 0
+
+
+def test_eager_policy_never_compiles() -> None:
+    kernels.set_policy("eager")
+    kernels.reset()
+    try:
+        assert_same(
+            make_case((2, 3, 12, 12), torch.float32, True, seed=2), make_tolerance(None, None)
+        )
+        assert used() == 0 and kernels.status()["checked_elements"] == 2 * 3 * 144
+    finally:
+        kernels.set_policy(None)
+
+
+def test_auto_compiles_once_enough_work_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "AUTO_ELEMS", 1000)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.set_policy(None)
+    kernels.reset()
+    try:
+        tol = make_tolerance(None, None)
+        assert_same(make_case((2, 3, 12, 12), torch.float32, False, seed=3), tol)  # 864 so far
+        assert used() == 0
+        assert_same(make_case((2, 3, 12, 12), torch.float32, False, seed=4), tol)  # 1728
+        assert used() == 1 and kernels.status()["policy"] == "auto"
+    finally:
+        kernels.reset()
+
+
+def test_policy_from_environment_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels.set_policy(None)
+    monkeypatch.setenv(kernels.ENV, "Eager")
+    assert kernels.policy() == "eager"
+    monkeypatch.setenv(kernels.ENV, "nonsense")
+    assert kernels.policy() == "auto"
+    with pytest.raises(ValueError, match="auto, compiled, eager"):
+        kernels.set_policy("fast")
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_pass(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(key: tuple[str, str]) -> object:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(kernels, "_kernel", broken)
+    case = make_case((2, 3, 12, 12), torch.float32, True, seed=6)
+    case["y"][0, 1, 2, 3] += 1.0  # type: ignore[index]
+    fast = assert_same(case, make_tolerance(None, None))
+    assert fast.comparison.mismatched == 1
+    st_ = kernels.status()
+    assert st_["compiled_layers"] == 0
+    assert st_["failure"] == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    # off for the rest of the process: the next layer does not try again
+    monkeypatch.setattr(kernels, "_kernel", lambda key: pytest.fail("compiled again"))
+    assert_same(make_case((2, 3, 12, 12), torch.float32, False, seed=7), make_tolerance(None, None))
+
+
+def test_run_reports_a_kernel_that_could_not_be_used(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(key: tuple[str, str]) -> object:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_kernel", broken)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    report = bn_diff.run(net, torch.randn(2, 3, 14, 14), kernel="compiled")
+    assert bool(report)
+    (f,) = [f for f in report.findings if f.id == "kernel_unavailable"]
+    assert f.severity == "info" and "no compiler" in f.message
+
+
+def test_no_kernel_under_a_dispatch_mode(compiled: None) -> None:
+    """A profiler or memory spy (a Python dispatch mode) sees the eager pass: compiled code under
+    one could run its Python source eagerly, on whole float64 tensors."""
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            return func(*args, **(kwargs or {}))
+
+    case = make_case((2, 3, 12, 12), torch.float32, False, seed=8)
+    with Spy():
+        assert_same(case, make_tolerance(None, None))
+    assert used() == 0
+
+
+def test_run_with_the_compiled_kernel_matches_the_eager_run() -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import models
+
+    net = models.calibrate(models.resnet_tiny(), (4, 3, 32, 32), batches=2)
+    x = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    for train in (False, True):
+        net.train(train)
+        eager = bn_diff.run(net, x, kernel="eager")
+        fast = bn_diff.run(net, x, kernel="compiled")
+        assert [la.mismatched for la in eager.layers] == [la.mismatched for la in fast.layers]
+        assert [la.max_abs_index for la in eager.layers] == [la.max_abs_index for la in fast.layers]
+        for la, lb in zip(eager.layers, fast.layers, strict=True):
+            assert abs(la.max_abs_diff - lb.max_abs_diff) <= 1e-6 * la.max_abs_diff + 1e-15
+    assert kernels.status()["compiled_layers"] > 0
+    assert kernels.policy() == "auto"  # run(kernel=...) sets the policy for that run only
+
+
+@pytest.mark.slow
+def test_the_compiled_kernel_allocates_no_float64_twin() -> None:
+    """A 128 MiB float32 layer checked by the compiled kernel, honest and faulty: peak RSS grows by
+    far less than a float64 copy of it (256 MiB) once the kernel is compiled."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from bn_diff import kernels
+        from bn_diff.fused import fused_check
+        from bn_diff.pipeline import make_tolerance
+        F64 = torch.float64
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        kernels.set_policy("compiled")
+        tol = make_tolerance(None, None)
+        def case(n, c, l):
+            x = torch.randn(n, c, l)
+            rm, rv = torch.zeros(c, dtype=F64), torch.full((c,), 4.0 - 1e-5, dtype=F64)
+            g, b = torch.ones(c, dtype=F64), torch.zeros(c, dtype=F64)
+            return x, x * 0.5, g, b, rm, rv
+        small = case(2, 4, 256)
+        fused_check(*small, False, 1e-5, tol)  # compile first: its memory is not the layer's
+        fused_check(*small, True, 1e-5, tol)
+        x, y, g, b, rm, rv = case(8, 64, 65536)
+        before = rss()
+        r = fused_check(x, y, g, b, rm, rv, False, 1e-5, tol)
+        assert r.exact_channels == 0, r.exact_channels
+        y[3, 7, 100] += 1.0
+        r = fused_check(x, y, g, b, rm, rv, False, 1e-5, tol)
+        assert r.exact_channels == 1 and r.comparison.mismatched == 1
+        assert kernels.status()["compiled_layers"] == 4, kernels.status()
+        print(rss() - before)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    assert growth_mib < 48, growth_mib
+
+
+def test_fused_check_on_a_huge_plane_stays_eager(compiled: None) -> None:
+    """Planes beyond MAX_PLANE keep the eager "split" layout (locating a difference would gather
+    a whole plane in float64)."""
+    x = torch.randn(1, 1, kernels.MAX_PLANE + 1)
+    y = F.batch_norm(x, None, None, training=True)
+    one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
+    res = fused_check(x, y, one, zero, None, None, True, 1e-5, make_tolerance(None, None))
+    assert res is not None and res.comparison.mismatched == 0
+    assert used() == 0
