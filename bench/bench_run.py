@@ -1,15 +1,18 @@
 """Benchmark: `bn_diff.run` against the plain forward it checks, side by side.
 
     python bench/bench_run.py                 # make bench: both models, batch 1/8/32, eval+train
-    python bench/bench_run.py --quick         # batch 1 and 8, 3 pairs: a couple of minutes
+    python bench/bench_run.py --quick         # batch 1 and 8, 3 rounds: a few minutes
     python bench/bench_run.py --device cuda --models resnet50 --batches 64
 
 For each model (ResNet-50-style, MobileNetV2-style; calibrated), batch and mode, one process
-times a plain no_grad forward and `bn_diff.run` alternately (a warm-up pair, then --pairs pairs)
-and reports the median times and the ratio of each pair; wall time is the target, CPU time of
-the process is shown too (less sensitive to other work on a shared machine). Peak memory is
-measured in fresh child processes, one per measurement: ru_maxrss on CPU, the CUDA allocator's
-peak on a GPU. Prints Markdown (the machine description first); --markdown FILE writes it too.
+times a plain no_grad forward and `bn_diff.run` with each kernel policy (--kernels: the eager
+pass and the compiled kernel, bn_diff/kernels.py) in turn (a warm-up round, which compiles, then
+--pairs rounds) and reports the median times and the ratio to the plain forward of the same
+round; wall time is the target, CPU time of the process is shown too (less sensitive to other
+work on a shared machine). Peak memory is measured in fresh child processes, one per
+measurement: VmHWM on CPU, the CUDA allocator's peak on a GPU. The one-time cost of compiling
+is measured in fresh processes too, with an empty and with a filled inductor cache. Prints
+Markdown (the machine description first); --markdown FILE writes it too.
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ def forward(net: Any, x: Any, mode: str) -> None:
     net.eval()
 
 
-def checked(net: Any, x: Any, mode: str) -> Any:
+def checked(net: Any, x: Any, mode: str, kernel: str) -> Any:
     import bn_diff
 
-    return bn_diff.run(net, x, mode=mode)
+    return bn_diff.run(net, x, mode=mode, kernel=kernel)
 
 
 def sync(device: str) -> None:
@@ -77,37 +80,40 @@ def timed(fn: Any, device: str) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def time_pairs(
-    net: Any, name: str, batch: int, mode: str, pairs: int, device: str
-) -> dict[str, Any]:
+def time_rounds(
+    net: Any, batch: int, mode: str, pairs: int, device: str, kernels: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per kernel policy: median plain and checked times, and the ratio of each round."""
     import torch
 
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
-    report = checked(net, x, mode)  # warm-up pair
-    forward(net, x, mode)
-    rows = []
-    for _ in range(pairs):
-        p = timed(lambda: forward(net, x, mode), device)
-        r = timed(lambda: checked(net, x, mode), device)
-        rows.append((p, r))
-    return {
-        "model": name,
-        "batch": batch,
-        "mode": mode,
-        "plain": statistics.median(p[0] for p, _ in rows),
-        "run": statistics.median(r[0] for _, r in rows),
-        "ratio": statistics.median(r[0] / p[0] for p, r in rows),
-        "ratios": [r[0] / p[0] for p, r in rows],
-        "cpu_ratio": statistics.median(r[1] / p[1] for p, r in rows) if rows[0][0][1] else None,
-        "ok": bool(report),
-        "layers": len(report.layers),
+    forward(net, x, mode)  # warm-up round (the compiled kernel compiles here)
+    verdicts = {k: checked(net, x, mode, k) for k in kernels}
+    rows: dict[str, list[tuple[tuple[float, float], tuple[float, float]]]] = {
+        k: [] for k in kernels
     }
+    for _ in range(pairs):
+        for k in kernels:  # a plain forward right before each checked one: noise hits both
+            p = timed(lambda: forward(net, x, mode), device)
+            r = timed(lambda k=k: checked(net, x, mode, k), device)  # type: ignore[misc]
+            rows[k].append((p, r))
+    out = {}
+    for k, rs in rows.items():
+        out[k] = {
+            "plain": statistics.median(p[0] for p, _ in rs),
+            "run": statistics.median(r[0] for _, r in rs),
+            "ratio": statistics.median(r[0] / p[0] for p, r in rs),
+            "ratios": [r[0] / p[0] for p, r in rs],
+            "cpu_ratio": statistics.median(r[1] / p[1] for p, r in rs) if rs[0][0][1] else None,
+            "ok": bool(verdicts[k]),
+        }
+    return out
 
 
 def peak_child(
     name: str, batch: int, mode: str, what: str, state: Path, args: argparse.Namespace
 ) -> float:
-    """Peak memory (MiB) of a fresh process that does one forward (`what` = plain or run)."""
+    """Peak memory (MiB) of a fresh process that does one forward (`what` = plain, or run:KERNEL)."""
     cmd = [
         sys.executable,
         __file__,
@@ -130,15 +136,36 @@ def peak_child(
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
 
 
+def compile_child(
+    name: str, state: Path, args: argparse.Namespace, cache: Path
+) -> dict[str, float]:
+    """A fresh process with inductor's cache at `cache`: seconds of its first and second
+    `run(kernel="compiled")` (batch 8, eval), and the second's eager twin."""
+    cmd = [sys.executable, __file__, "--child", "compile", "--models", name, "--state", str(state)]
+    cmd += ["--threads", str(args.threads), "--device", args.device, "--batches", "8"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
     net = build(args.models[0], Path(args.state), args.device)
     x = torch.randn(args.batches[0], 3, 224, 224).to(args.device)
+    if args.child == "compile":
+        first = timed(lambda: checked(net, x, "eval", "compiled"), args.device)[0]
+        second = timed(lambda: checked(net, x, "eval", "compiled"), args.device)[0]
+        eager = timed(lambda: checked(net, x, "eval", "eager"), args.device)[0]
+        print(json.dumps({"first": first, "second": second, "eager": eager}))
+        return
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    (checked if args.child == "run" else forward)(net, x, args.modes[0])
+    if args.child == "plain":
+        forward(net, x, args.modes[0])
+    else:
+        checked(net, x, args.modes[0], args.child.split(":", 1)[1])
     sync(args.device)
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -233,7 +260,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2, as in the issue)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the output here")
-    ap.add_argument("--child", choices=["plain", "run"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["eager", "compiled"],
+        choices=["eager", "compiled", "auto"],
+        help="kernel policies of bn_diff.run to time (bn_diff/kernels.py)",
+    )
+    ap.add_argument("--no-compile-cost", action="store_true", help="skip the compile-cost children")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -257,13 +292,16 @@ def main() -> None:
         out.append(line)
         print(line, flush=True)
 
-    emit(f"### Time: median of {args.pairs} alternating pairs after a warm-up pair")
+    emit(f"### Time: median of {args.pairs} rounds after a warm-up round")
+    emit("")
+    emit("Each round times, per kernel, a plain forward and then `bn_diff.run`; the ratio is")
+    emit("the checked forward over the plain one just before it.")
     emit("")
     emit(
-        "| model | batch | mode | plain (s) | bn-diff run (s) | ratio | ratio per pair "
+        "| model | batch | mode | kernel | plain (s) | bn-diff run (s) | ratio | ratio per round "
         "| CPU-time ratio |"
     )
-    emit("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|---|")
     states: dict[str, Path] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bn-diff-bench-"))
     for name in args.models:
@@ -272,27 +310,49 @@ def main() -> None:
         torch.save(net.state_dict(), states[name])
         for batch in args.batches:
             for mode in args.modes:
-                r = time_pairs(net, name, batch, mode, args.pairs, args.device)
-                cpu = "—" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}x"
-                per = " ".join(f"{v:.2f}" for v in r["ratios"])
-                emit(
-                    f"| {name} | {batch} | {mode} | {r['plain']:.3f} | {r['run']:.3f} | "
-                    f"**{r['ratio']:.2f}x** | {per} | {cpu} |"
-                )
+                res = time_rounds(net, batch, mode, args.pairs, args.device, args.kernels)
+                for k, r in res.items():
+                    cpu = "—" if r["cpu_ratio"] is None else f"{r['cpu_ratio']:.2f}x"
+                    per = " ".join(f"{v:.2f}" for v in r["ratios"])
+                    emit(
+                        f"| {name} | {batch} | {mode} | {k} | {r['plain']:.3f} | {r['run']:.3f} "
+                        f"| **{r['ratio']:.2f}x** | {per} | {cpu} |"
+                    )
         del net
     if not args.no_memory:
         what = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
         emit("")
         emit(f"### Memory: {what} of a fresh process doing one forward")
         emit("")
-        emit("| model | batch | mode | plain (MiB) | bn-diff run (MiB) | ratio |")
-        emit("|---|---|---|---|---|---|")
+        emit("| model | batch | mode | kernel | plain (MiB) | bn-diff run (MiB) | ratio |")
+        emit("|---|---|---|---|---|---|---|")
         for name in args.models:
             for batch in args.batches:
                 for mode in args.modes:
-                    p = peak_child(name, batch, mode, "plain", states[name], args)
-                    r = peak_child(name, batch, mode, "run", states[name], args)
-                    emit(f"| {name} | {batch} | {mode} | {p:.0f} | {r:.0f} | **{r / p:.2f}x** |")
+                    pm = peak_child(name, batch, mode, "plain", states[name], args)
+                    for k in args.kernels:
+                        rm = peak_child(name, batch, mode, f"run:{k}", states[name], args)
+                        emit(
+                            f"| {name} | {batch} | {mode} | {k} | {pm:.0f} | {rm:.0f} "
+                            f"| **{rm / pm:.2f}x** |"
+                        )
+    if not args.no_compile_cost:
+        emit("")
+        emit("### One-time cost of the compiled kernel (fresh processes, batch 8, eval)")
+        emit("")
+        emit('First and second `run(kernel="compiled")` of a new process, then an eager run,')
+        emit("with inductor's cache empty (a new machine or torch version) and then filled.")
+        emit("")
+        emit("| model | inductor cache | first run (s) | second run (s) | eager run (s) |")
+        emit("|---|---|---|---|---|")
+        for name in args.models:
+            cache = Path(tempfile.mkdtemp(prefix="bn-diff-inductor-"))
+            for label in ("empty", "filled"):
+                c = compile_child(name, states[name], args, cache)
+                emit(
+                    f"| {name} | {label} | {c['first']:.2f} | {c['second']:.3f} "
+                    f"| {c['eager']:.3f} |"
+                )
     h, t = help_time()
     emit("")
     emit(

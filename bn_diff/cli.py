@@ -567,6 +567,9 @@ def _write_reports(report: Any, json_out: str | None, junit: Path | None) -> Non
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user errors are one line with a hint; bugs keep their traceback (exit 4)."""
     _tolerant_streams()
+    from .kernels_env import private_cache
+
+    private_cache()
     try:
         code = app(args=argv, prog_name="bn-diff", standalone_mode=False)
     except typer.Exit as e:

@@ -8,10 +8,12 @@ here are few and small on purpose.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +262,42 @@ def test_fused_check_on_a_huge_plane_stays_eager(compiled: None) -> None:
     res = fused_check(x, y, one, zero, None, None, True, 1e-5, make_tolerance(None, None))
     assert res is not None and res.comparison.mismatched == 0
     assert used() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(4, 6, 16, 16), (4, 6, 7, 7), (64, 32)])
+@pytest.mark.parametrize("train", [True, False])
+def test_compiled_kernel_on_cuda_equals_reference(
+    compiled: None, shape: tuple[int, ...], train: bool
+) -> None:
+    """On a GPU the kernels are Triton's: same verdict as the reference path there."""
+    case = make_case(shape, torch.float32, train, 11)
+    y = case["y"]
+    assert isinstance(y, torch.Tensor)
+    y.view(-1)[5] += 0.01
+    case = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    fast = assert_same(case, make_tolerance(None, None))
+    assert fast.comparison.mismatched >= 1
+    assert used() == 1, kernels.status()
+
+
+def test_cli_keeps_the_compile_cache_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bn_diff.kernels_env import private_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    private_cache()
+    path = tmp_path / "bn-diff" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    assert path.stat().st_mode & 0o777 == 0o700
+    # a directory others can write is not used
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    path.chmod(0o777)
+    private_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # the user's own choice wins
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    private_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
