@@ -59,7 +59,8 @@ class ChannelTable(Sequence[ChannelStats]):
 
     _n: int
     _src: torch.Tensor | None
-    """(present float columns, C) float64: the numbers until `_cols` is made from them."""
+    """(present float columns, C) float64: the numbers until `_cols` is made from them (then
+    None: no tensor outlives the first read)."""
     _rows: dict[str, int]
     """Row of `_src` of each present float column."""
     _mism: torch.Tensor | None
@@ -145,6 +146,7 @@ class ChannelTable(Sequence[ChannelStats]):
                 rows = self._src.tolist()
                 cols = {k: rows[i] for k, i in self._rows.items()}
                 cols["mismatched"] = self._mism.tolist()
+                self._src = self._mism = None  # the lists hold the numbers from now on
             else:
                 items = self._materialize()
                 cols = {k: [getattr(c, k) for c in items] for k in FIELDS if k != "index"}

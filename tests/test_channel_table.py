@@ -221,6 +221,11 @@ def test_shorter_column_truncates_like_map() -> None:
 def test_columns_and_tensors_without_making_objects() -> None:
     cols = make_cols(5, absent=("beta",))
     t, ref = table(cols), eager(cols)
+    fresh = table(cols)  # straight from the stacked tensor: no Python list, no object
+    for k in FIELDS:
+        a, b = fresh.tensor(k), ChannelTable(ref).tensor(k)
+        assert (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    assert fresh._cols is None and fresh._items is None
     assert t.column("batch_var") == tuple(c.batch_var for c in ref)
     assert t.column("index") == (0, 1, 2, 3, 4)
     got = t.tensor("batch_mean")
@@ -301,6 +306,9 @@ def test_run_gives_tables_that_agree_with_their_columns() -> None:
         assert list(lr.channels)[n // 2] is one
         assert [c.index for c in lr.channels] == list(range(n))
         assert lr.channels.column("mismatched") == tuple(c.mismatched for c in lr.channels)
+    back = pickle.loads(pickle.dumps(report))
+    assert back.to_json() == report.to_json()
+    assert all(isinstance(lr.channels, ChannelTable) for lr in back.layers)
 
 
 def test_run_without_affine_or_running_stats_gives_none_columns() -> None:
