@@ -36,6 +36,7 @@ _LAZY = {
     "ModelError": "errors",
     "UsageError": "errors",
     "ChannelStats": "results",
+    "ChannelTable": "channel_table",
     "Finding": "results",
     "Hypothesis": "results",
     "LayerInfo": "results",

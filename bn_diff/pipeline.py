@@ -22,6 +22,7 @@ from torch import nn
 from . import kernels
 from . import load as load_mod
 from .capture import BnCall, Capture, is_bn_like, named_modules
+from .channel_table import ChannelTable
 from .compare import Comparison, absdiff, close, compare, dtype_name, resolve, rounding_allowance
 from .device import device_type, tf32_finding
 from .errors import BnDiffError, ModelError, UsageError
@@ -30,7 +31,6 @@ from .loadsafe import display
 from .oddities import capture_findings, check_device, empty_batch, empty_update, refuse_unsupported
 from .recompute import Moments, as_f64, channel_moments, coefficients, running_update
 from .results import (
-    ChannelStats,
     Finding,
     LayerInfo,
     LayerResult,
@@ -101,22 +101,17 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         weight_frozen=_frozen(call),
         num_batches_tracked=call.num_batches_tracked_before,
     )
-    none = [None] * c
-    channels = tuple(
-        map(
-            ChannelStats,
-            range(c),
-            mom.mean.tolist(),
-            mom.var.tolist(),
-            none if rm is None else rm.tolist(),
-            none if rv is None else rv.tolist(),
-            none if call.weight is None else gamma.tolist(),
-            none if call.bias is None else beta.tolist(),
-            cmp.channel_max_abs.tolist(),
-            cmp.channel_mismatched.tolist(),
-            allow.tolist(),
-            none if gaps is None else gaps.tolist(),
-        )
+    channels = ChannelTable.from_columns(  # ChannelStats objects are made when read
+        batch_mean=mom.mean,
+        batch_var=mom.var,
+        running_mean=rm,
+        running_var=rv,
+        gamma=None if call.weight is None else gamma,
+        beta=None if call.bias is None else beta,
+        max_abs_diff=cmp.channel_max_abs,
+        mismatched=cmp.channel_mismatched,
+        tolerance=allow,
+        train_eval_gap=gaps,
     )
     return LayerResult(
         findings=empty_batch(call) if mom.count == 0 else (),

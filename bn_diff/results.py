@@ -7,6 +7,7 @@ JSON keys listed in DESIGN.md are stable; new keys may be added, none renamed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -207,7 +208,9 @@ class LayerResult:
     """One BN call checked: configuration, per-channel numbers, totals, findings."""
 
     info: LayerInfo
-    channels: tuple[ChannelStats, ...]
+    channels: Sequence[ChannelStats]
+    """One per channel: a `ChannelTable` (lazy, bn_diff/channel_table.py) from `check_call`, or
+    any tuple of them; both compare equal when their contents do."""
     numel: int
     mismatched: int
     """Elements outside atol + rtol·|expected| (+ the channel's rounding allowance)."""
