@@ -93,7 +93,8 @@ def suspicious(
     a hook (the model's work has just evicted the caches), so this makes few (about 15): the
     call's vectors and |γ| stacked into one matrix (same dtype, no promotion), each row's min and
     max, then the two shift ratios of every channel and their maxima; three `.tolist()` bring
-    the numbers to Python, where the decisions are made.
+    the numbers to Python, where the decisions are made. Vectors on a GPU come to the CPU first,
+    in one transfer: a kernel launch per small op would cost more than the op.
     """
     rm, rv, gamma = call.running_mean_before, call.running_var_before, call.weight
     vecs = [rm, rv, gamma, call.bias]
@@ -107,6 +108,13 @@ def suspicious(
     if c == 0 or any(t.shape != shape for t in rows):
         return True  # degenerate or unusual shapes: let the checks decide
     n = len(rows)
+    if rows[0].device.type != "cpu":  # on a GPU: one transfer, then small CPU ops, no launches
+        try:
+            rows = list(torch.stack(rows).cpu().unbind())
+        except RuntimeError:  # tensors on different devices
+            return True
+        it = iter(rows)
+        rm, rv, gamma = (None if t is None else next(it) for t in (rm, rv, gamma))
     if gamma is not None:
         rows.append(gamma.abs())
     try:
@@ -138,7 +146,7 @@ def suspicious(
     if not mins[i_rv] + eps >= TINY:
         return True  # see _shift_flagged
     try:
-        bm, bv = batch_moments(result, rm.device)
+        bm, bv = batch_moments(result)
         num = torch.stack(((bm - rm).square_(), bv + eps))
         # rv + ε in float32 is within a relative 2⁻²⁴ of float64's (≪ MARGIN); narrower: float64
         den = rv + eps if rv.dtype in (torch.float32, F64) else rv.to(F64) + eps

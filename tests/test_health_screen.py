@@ -362,3 +362,23 @@ def test_narrow_buffers_agree_both_ways(dtype: torch.dtype) -> None:
     if dtype == torch.bfloat16:
         want.add("fp16_overflow_risk")
     assert want <= {f.id for f in found}
+
+
+# --- on a GPU (skipped without one): the screen's tensors live on the layer's device ---------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HypothesisHealthCheck.too_slow])
+@given(bn_case())
+def test_the_screen_changes_no_finding_on_cuda(case: tuple[nn.Module, torch.Tensor, str]) -> None:
+    net, x, mode = case
+    assert_same(net.cuda(), x.cuda(), mode=mode)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.usefixtures("no_vector_checks")
+def test_healthy_layers_skip_the_vector_checks_on_cuda() -> None:
+    import models
+
+    net = models.calibrate(models.resnet_tiny(), (8, 3, 32, 32)).cuda()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.2
+    report = run(net, x.cuda(), mode="eval")
+    assert {f.id for f in report.all_findings} <= {"tf32_convolutions"}
