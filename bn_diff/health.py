@@ -15,7 +15,8 @@ Severities (what `--fail-on` acts on):
 
 Layout: this module (catalog, `layer_findings`, the `HealthCheck` extension) · health_checks.py
 (the layer's own state: buffers, parameters, configuration) · health_batch.py (what depends on the
-batch: train mode, "frozen" BN, stats shift, and one sample's dependence on the rest of the batch).
+batch: train mode, "frozen" BN, stats shift, and one sample's dependence on the rest of the batch)
+· health_screen.py (the cheap first look that lets a healthy layer skip the checks of its vectors).
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from .capture import BnCall, named_modules
-from .health_batch import check_batch_stats, check_frozen, check_shift
+from .health_batch import (
+    SHIFT_STD_RATIO,
+    check_batch_stats,
+    check_frozen,
+    check_shift,
+    z_threshold,
+)
 from .health_checks import (
+    DEAD_GAMMA,
     Layer,
-    as_vec,
     check_conv_bias,
     check_dead,
     check_fp16,
@@ -38,6 +45,7 @@ from .health_checks import (
     check_tiny,
     check_untrained,
 )
+from .health_screen import suspicious
 from .results import Finding, LayerResult
 
 
@@ -144,19 +152,27 @@ def layer_findings(
     result: LayerResult,
     run_mode: str = "as-is",
     producer: nn.Module | None = None,
+    *,
+    screen: bool = True,
 ) -> list[Finding]:
-    """Every health finding for one BN call (`producer`: the conv module named by call.producer)."""
-    lay = Layer(
-        call=call,
-        result=result,
-        run_mode=run_mode,
-        c=result.info.num_features,
-        rm=as_vec(call.running_mean_before),
-        rv=as_vec(call.running_var_before),
-        gamma=as_vec(call.weight),
-        beta=as_vec(call.bias),
-        findings=[],
-    )
+    """Every health finding for one BN call (`producer`: the conv module named by call.producer).
+
+    `screen`: first ask `health_screen.suspicious` whether the checks of the layer's vectors could
+    find anything, and skip them when not (the findings are the same; False runs every check).
+    """
+    lay = Layer(call=call, result=result, run_mode=run_mode, c=result.info.num_features)
+    if screen and not suspicious(call, result, z_threshold, SHIFT_STD_RATIO, DEAD_GAMMA):
+        # None of the checks of the layer's vectors would find anything. The others, in their
+        # order, each behind its own first condition (the check then decides exactly).
+        if result.info.weight_frozen and call.updates_running_stats:
+            check_frozen(lay)
+        if call.use_batch_stats or not call.track_running_stats:
+            check_batch_stats(lay)
+        if producer is not None:
+            check_conv_bias(lay, producer)
+        if call.momentum is None:
+            check_momentum_none(lay)
+        return lay.findings
     check_nonfinite(lay)
     check_nonpositive(lay)
     check_tiny(lay)
@@ -198,6 +214,8 @@ class HealthCheck:
 
     def __call__(self, call: BnCall, result: LayerResult) -> LayerResult:
         found = layer_findings(call, result, self.run_mode, self.producer(call))
+        if not found:
+            return result
         key: object = id(call.module) if call.module is not None else call.name.split("#")[0]
         keep: list[Finding] = []
         for f in found:

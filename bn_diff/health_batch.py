@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .capture import BnCall, is_batchnorm
-from .health_checks import Layer, as_vec, chans, fnum, indices
+from .health_checks import Layer, chans, fnum, indices
+from .health_screen import batch_moments
 from .recompute import F64, Moments, as_f64, channel_moments
 from .results import LayerResult, Severity
 
@@ -62,8 +63,15 @@ def _centered(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor
     return a * (x - m)
 
 
-def batch_dependence(call: BnCall, result: LayerResult) -> Dependence | None:
-    """Sample 0's output with other company vs in this batch; None when it cannot be measured."""
+def batch_dependence(
+    call: BnCall,
+    result: LayerResult,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Dependence | None:
+    """Sample 0's output with other company vs in this batch; None when it cannot be measured.
+
+    `moments`: the batch's mean and variance per channel (`batch_moments(result)` if not given).
+    """
     x = call.x.detach()
     if x.dim() < 2:
         x = x.reshape(1, -1)
@@ -83,8 +91,8 @@ def batch_dependence(call: BnCall, result: LayerResult) -> Dependence | None:
     s0 = channel_moments(x[:1])
     other: Moments = s0 if k == 1 else channel_moments(x[:k])
     gamma = as_f64(call.weight, c, 1.0, dev)
-    bm = torch.tensor([ch.batch_mean for ch in result.channels], dtype=F64, device=dev)
-    bv = torch.tensor([ch.batch_var for ch in result.channels], dtype=F64, device=dev)
+    bm, bv = batch_moments(result) if moments is None else moments
+    bm, bv = bm.to(dev, F64), bv.to(dev, F64)
     a_batch = gamma / torch.sqrt(bv + call.eps)
     a_other = gamma / torch.sqrt(other.var + call.eps)
     # y' - y = a'(x - m') - a(x - m): beta cancels; evaluated at the sample's extremes
@@ -100,12 +108,18 @@ def batch_dependence(call: BnCall, result: LayerResult) -> Dependence | None:
     return Dependence(gap=float(gaps[ch]), channel=ch, alternative=alternative, samples=k)
 
 
+def z_threshold(call: BnCall) -> float:
+    """stats_shift's z threshold for the call's batch size."""
+    n = int(call.x.shape[0]) if call.x.dim() >= 2 else 1
+    return max(SHIFT_Z, SHIFT_Z_ONE / math.sqrt(max(n, 1)))
+
+
 def check_frozen(lay: Layer) -> None:
     call = lay.call
     if not (lay.result.info.weight_frozen and call.updates_running_stats):
         return
     rm0, rv0 = lay.rm, lay.rv
-    rm1, rv1 = as_vec(call.running_mean_after), as_vec(call.running_var_after)
+    rm1, rv1 = lay.rm_after, lay.rv_after
     if rm0 is None or rv0 is None or rm1 is None or rv1 is None or rm0.numel() == 0:
         return
     dm, dv = (rm1 - rm0).abs(), (rv1 - rv0).abs()
@@ -149,7 +163,7 @@ def check_batch_stats(lay: Layer) -> None:
         _stale_buffers(lay)
         return
     n = int(call.x.shape[0]) if call.x.dim() >= 2 else 1
-    dep = batch_dependence(call, lay.result)
+    dep = batch_dependence(call, lay.result, lay.moments())
     data: dict[str, Any] = {} if dep is None else dep.to_data()
     has_buffers = call.running_mean_before is not None and call.running_var_before is not None
     if has_buffers and call.training:
@@ -198,18 +212,15 @@ def check_shift(lay: Layer) -> None:
     rm, rv = lay.rm, lay.rv
     if rm is None or rv is None or rm.numel() == 0:
         return
-    stats = lay.result.channels
     eps = lay.call.eps
-    bm = torch.tensor([c.batch_mean for c in stats], dtype=torch.float64)
-    bv = torch.tensor([c.batch_var for c in stats], dtype=torch.float64)
-    n = int(lay.call.x.shape[0]) if lay.call.x.dim() >= 2 else 1
+    bm, bv = lay.moments()
     ok = lay.valid_rv & torch.isfinite(rm) & torch.isfinite(bm) & torch.isfinite(bv)
     sd = torch.sqrt(rv.clamp(min=0) + eps)
     z = ((bm - rm).abs() / sd).where(ok, torch.zeros_like(sd))
     ratio = (torch.sqrt(bv.clamp(min=0) + eps) / sd).where(ok, torch.zeros_like(sd))
     if lay.result.numel // max(lay.c, 1) < 2:
         ratio = torch.zeros_like(ratio)  # one value per channel: no batch variance to speak of
-    z_thr = max(SHIFT_Z, SHIFT_Z_ONE / math.sqrt(max(n, 1)))
+    z_thr = z_threshold(lay.call)
     score = torch.maximum(z / z_thr, ratio / SHIFT_STD_RATIO)
     bad = indices(score > 1)
     if not bad:

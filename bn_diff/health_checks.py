@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .capture import CONV_TYPES, BnCall, is_batchnorm
+from .health_screen import FP16_MAX, as_vecs, batch_moments
 from .results import Finding, LayerResult, Severity
 
-FP16_MAX = 65504.0
-"""Largest finite float16."""
 DEAD_GAMMA = 1e-6
 """|γ_c| at or below this (times the layer's largest |γ| when that is above 1) is a dead channel."""
 
@@ -45,11 +44,6 @@ def chans(idx: Sequence[int], c: int, limit: int = 6) -> str:
     return f"{n} of {c} channels ({shown})"
 
 
-def as_vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A (C,) float64 CPU copy: per-channel vectors are small, and numbers end up in Python."""
-    return None if t is None else t.detach().reshape(-1).to("cpu", torch.float64)
-
-
 def indices(mask: torch.Tensor) -> list[int]:
     return [int(i) for i in mask.nonzero().flatten().tolist()]
 
@@ -57,18 +51,66 @@ def indices(mask: torch.Tensor) -> list[int]:
 # --- one layer ------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Layer:
+    """One BN call being checked; its vectors are made when a check first reads them."""
+
     call: BnCall
     result: LayerResult
     run_mode: str
     c: int
-    rm: torch.Tensor | None
-    rv: torch.Tensor | None
-    gamma: torch.Tensor | None
-    beta: torch.Tensor | None
-    findings: list[Finding]
+    findings: list[Finding] = field(default_factory=list)
+    vecs_: list[torch.Tensor | None] | None = None
+    moments_: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def vectors(self) -> list[torch.Tensor | None]:
+        """rm, rv, gamma, beta before the forward, rm, rv after it (only when the forward writes
+        them): float64 CPU (C,) copies, None where absent."""
+        if self.vecs_ is None:
+            call = self.call
+            after = call.updates_running_stats
+            self.vecs_ = as_vecs(
+                (
+                    call.running_mean_before,
+                    call.running_var_before,
+                    call.weight,
+                    call.bias,
+                    call.running_mean_after if after else None,
+                    call.running_var_after if after else None,
+                )
+            )
+        return self.vecs_
+
+    @property
+    def rm(self) -> torch.Tensor | None:
+        return self.vectors()[0]
+
+    @property
+    def rv(self) -> torch.Tensor | None:
+        return self.vectors()[1]
+
+    @property
+    def gamma(self) -> torch.Tensor | None:
+        return self.vectors()[2]
+
+    @property
+    def beta(self) -> torch.Tensor | None:
+        return self.vectors()[3]
+
+    @property
+    def rm_after(self) -> torch.Tensor | None:
+        return self.vectors()[4]
+
+    @property
+    def rv_after(self) -> torch.Tensor | None:
+        return self.vectors()[5]
 
     def add(self, id_: str, severity: Severity, message: str, fix: str, **data: Any) -> None:
         self.findings.append(Finding(id_, severity, message, fix, self.call.name, data))
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch mean and biased variance per channel (float64 CPU), read once."""
+        if self.moments_ is None:
+            self.moments_ = batch_moments(self.result)
+        return self.moments_
 
     @property
     def uses_running(self) -> bool:
@@ -95,11 +137,7 @@ def check_nonfinite(lay: Layer) -> None:
             parts.append(f"{label} holds NaN/Inf in {chans(bad, lay.c)}")
             data[label] = bad
     if not parts and lay.call.updates_running_stats:
-        for label, t in (
-            ("running_mean", lay.call.running_mean_after),
-            ("running_var", lay.call.running_var_after),
-        ):
-            v = as_vec(t)
+        for label, v in (("running_mean", lay.rm_after), ("running_var", lay.rv_after)):
             bad = [] if v is None else indices(~torch.isfinite(v))
             if bad:
                 parts.append(f"this forward wrote NaN/Inf into {label} in {chans(bad, lay.c)}")
@@ -153,7 +191,7 @@ def check_tiny(lay: Layer) -> None:
     vals = lay.rv[bad]
     k = bad[int(vals.argmin())]
     amp = float((1.0 / torch.sqrt(vals + eps)).max())
-    bv = lay.result.channels[k].batch_var
+    bv = float(lay.moments()[1][k])
     lay.add(
         "tiny_running_var",
         "warning",
@@ -263,7 +301,7 @@ def check_conv_bias(lay: Layer, producer: nn.Module | None) -> None:
 
 def check_momentum_none(lay: Layer) -> None:
     m = lay.call.module
-    if m is None or not is_batchnorm(m) or lay.rm is None:
+    if m is None or not is_batchnorm(m) or lay.call.running_mean_before is None:
         return
     if getattr(m, "momentum", 0.1) is not None:
         return
