@@ -319,6 +319,14 @@ def main() -> None:
                         f"| **{r['ratio']:.2f}x** | {per} | {cpu} |"
                     )
         del net
+    from bn_diff import kernels
+
+    st = kernels.status()
+    emit("")
+    emit(
+        f"- compiled kernel: {st['compiled_layers']} layer checks used it in this process"
+        + (f"; it failed: {st['failure']}" if st["failure"] else "")
+    )
     if not args.no_memory:
         what = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
         emit("")
