@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 mkdir -p bench/out
 
-timeout 60 python3 - <<'PY'
+timeout 20 python3 - <<'PY'
 import torch
 assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|", torch.cuda.get_device_name())
@@ -24,13 +24,13 @@ except ImportError as e:
     print("no triton:", e)
 PY
 
-timeout 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_kernels.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_kernels.py \
     tests/test_fused.py tests/test_health_cuda.py tests/test_channel_table.py tests/test_tf32.py \
     2>&1 | tail -15 || echo "pytest: exit $?"
 
-timeout 260 python3 bench/bench_run.py --device cuda --models resnet50 --batches 64 --pairs 5 \
-    --kernels eager compiled --markdown bench/out/gpu.md \
+timeout 240 python3 bench/bench_run.py --device cuda --models resnet50 --batches 64 --pairs 5 \
+    --kernels eager compiled --no-compile-cost --markdown bench/out/gpu.md \
     || echo "bench_run: exit $? (timeout or error; partial output above)"
 
-BN_DIFF_KERNEL=compiled timeout 60 python3 bench/gpu_profile.py cuda 64 2>&1 | head -60 \
+BN_DIFF_KERNEL=compiled timeout 50 python3 bench/gpu_profile.py cuda 64 2>&1 | head -60 \
     || echo "gpu_profile: exit $?"

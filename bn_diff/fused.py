@@ -52,6 +52,10 @@ PIVOT_RATIO = 16.0
 """A channel's sums are redone around its mean when (mean - pivot)² > PIVOT_RATIO·var: beyond
 that, Σ(x - p)² - (Σ(x - p))²/m would lose more than a few float64 digits to cancellation."""
 
+MAX_REDO_SPANS = 4
+"""Poorly pivoted channels are summed again span by span (runs of neighbours) up to this many
+spans; beyond, the whole layer gets one more pass (bounded work: at most two passes)."""
+
 _local = threading.local()
 _BN_OUT = torch.ops.aten.native_batch_norm.out
 
@@ -447,10 +451,15 @@ def fused_check(
         part = fused_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target)
         m = int(xv.shape[0] * xv.shape[2])
         mean_p, var = part.stats(m)
-        redo = torch.nonzero(part.poorly_pivoted(mean_p, var)).flatten().tolist()
+        poor = part.poorly_pivoted(mean_p, var)
+        redo = torch.nonzero(poor).flatten().tolist()
         if redo:  # rare: sum those channels again around the mean the first pass found
             better = part.pivot + mean_p
-            for c0, c1 in runs(redo):
+            spans = runs(redo)
+            if len(spans) > MAX_REDO_SPANS:  # scattered: one more pass over the whole layer
+                better = torch.where(poor, better, part.pivot)
+                spans = [(0, int(xv.shape[1]))]
+            for c0, c1 in spans:
                 cs = slice(c0, c1)
                 sub = fused_pass(
                     xv[:, cs],

@@ -125,8 +125,7 @@ def verdict(
         )
     ctx = _Ctx(xv, yv, mean_u, var_u, gamma, beta, eps, tuple(int(s) for s in x.shape))
     if exact != list(range(c)):
-        _locate_abs(ctx, part, torch.where(clean, r_slot, -1.0), margin, ch_max, best_abs)
-        _locate_rel(ctx, part, r_slot, clean, best_rel)
+        _locate(ctx, part, r_slot, clean, margin, ch_max, best_abs, best_rel)
     zero = (0,) * x.dim()
     abs_v, abs_i = _pick(best_abs, zero)
     rel_v, rel_i = _pick(best_rel, zero)
@@ -204,53 +203,55 @@ def _shift(idx: tuple[int, ...], c0: int) -> tuple[int, ...]:
     return (idx[0], idx[1] + c0, *idx[2:])
 
 
-def _locate_abs(
+def _locate(
     ctx: _Ctx,
     part: Partials,
-    score: torch.Tensor,
+    r_slot: torch.Tensor,
+    clean: torch.Tensor,
     margin: torch.Tensor,
     ch_max: torch.Tensor,
-    best: Candidates,
+    best_abs: Candidates,
+    best_rel: Candidates,
 ) -> None:
-    """The greatest |Δ| of the clean channels (score: (slots, C), -1 elsewhere), located on the
-    regions that can hold it."""
-    top = float(score.max().item())
-    if top <= 0:
-        if top == 0:
-            best.append((0.0, (0,) * len(ctx.shape)))
-        return
-    tie = top if top == float("inf") else top - float(margin.max().item())
-    n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
-    found: dict[int, float] = {}
-    slots = _first(torch.nonzero(score >= tie).tolist(), part, n, length)
-    for (_, ch), (value, idx) in zip(slots, _eval_slots(ctx, part, slots, rel=False), strict=True):
-        found[ch] = max(found.get(ch, 0.0), value)
-        best.append((value, idx))
-    for ch, value in found.items():
-        ch_max[ch] = value
-
-
-def _locate_rel(
-    ctx: _Ctx, part: Partials, r_slot: torch.Tensor, clean: torch.Tensor, best: Candidates
-) -> None:
-    """The greatest relative |Δ| of the clean channels, located on the regions that can hold
-    it (those within 1e-9 of the greatest, or where a 0/0 hides the value)."""
+    """The greatest |Δ| and the greatest relative |Δ| of the clean channels, located on the
+    regions that can hold them: for |Δ|, those within the channel margin of the greatest; for the
+    relative one, those within 1e-9 of the greatest, or where a 0/0 hides the value. Regions of
+    both kinds are gathered and searched once."""
+    score = torch.where(clean, r_slot, -1.0)
     q = torch.maximum(part.hi[1], -part.lo[1])
     # a region whose residuals are all 0 has relative differences 0, even where 0/0 occurred
     q = torch.where(r_slot == 0, torch.zeros_like(q), q)
     unknown = q.isnan() & clean
     known = torch.where(clean, q.nan_to_num(nan=-1.0), torch.full_like(q, -1.0))
-    top = float(known.max().item())
-    if top <= 0 and not bool(unknown.any()):
-        if top == 0:
-            best.append((0.0, (0,) * len(ctx.shape)))
-        return
-    tie = top if top == float("inf") else top - top * 1e-9
+    top, widest, rtop, n_unknown = torch.stack(
+        [score.max(), margin.max(), known.max(), unknown.sum().to(F64)]
+    ).tolist()
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
-    hits = torch.nonzero(unknown | (known >= tie)).tolist()
-    limit = max(MAX_TIES, int(unknown.sum().item()))
-    slots = _first(hits, part, n, length, limit)
-    best.extend(_eval_slots(ctx, part, slots, rel=True))
+    zero = (0,) * len(ctx.shape)
+    abs_slots: list[tuple[int, int]] = []
+    if top > 0:
+        tie = top if top == float("inf") else top - widest
+        abs_slots = _first(torch.nonzero(score >= tie).tolist(), part, n, length)
+    elif top == 0:
+        best_abs.append((0.0, zero))
+    rel_slots: list[tuple[int, int]] = []
+    if rtop > 0 or n_unknown:
+        tie = rtop if rtop == float("inf") else rtop - rtop * 1e-9
+        hits = torch.nonzero(unknown | (known >= tie)).tolist()
+        rel_slots = _first(hits, part, n, length, max(MAX_TIES, int(n_unknown)))
+    elif rtop == 0:
+        best_rel.append((0.0, zero))
+    slots = list(dict.fromkeys(abs_slots + rel_slots))
+    found = dict(zip(slots, _eval_slots(ctx, part, slots), strict=True))
+    per_channel: dict[int, float] = {}
+    for slot in abs_slots:
+        value, idx = found[slot][0]
+        ch = slot[1]
+        per_channel[ch] = max(per_channel.get(ch, 0.0), value)
+        best_abs.append((value, idx))
+    for ch, value in per_channel.items():
+        ch_max[ch] = value
+    best_rel.extend(found[slot][1] for slot in rel_slots)
 
 
 def _first(
@@ -266,10 +267,13 @@ def _first(
     return [(s, ch) for s, ch in sorted(cand, key=key)[:limit]]
 
 
+Found = tuple[float, tuple[int, ...]]
+
+
 def _eval_slots(
-    ctx: _Ctx, part: Partials, slots: list[tuple[int, int]], rel: bool
-) -> list[tuple[float, tuple[int, ...]]]:
-    """The greatest |Δ| (or relative |Δ|) of each (slot, channel) region, and where it is.
+    ctx: _Ctx, part: Partials, slots: list[tuple[int, int]]
+) -> list[tuple[Found, Found]]:
+    """The greatest |Δ| and relative |Δ| of each (slot, channel) region, and where they are.
 
     Regions of one size ("rows": one sample's plane; "fold": all samples) are gathered and
     searched together, a bounded number of elements at a time; "split" ones one by one."""
@@ -278,7 +282,7 @@ def _eval_slots(
         out = []
         for slot, ch in slots:
             ns, ls = part.slot_region(slot, n, length)
-            out.append(_region_max(ctx, ns, slice(ch, ch + 1), ls, rel))
+            out.append(_region_max(ctx, ns, slice(ch, ch + 1), ls))
         return out
     size = length if part.layout == "rows" else n * length
     step = max(1, BATCH_ELEMS // size)
@@ -292,7 +296,7 @@ def _eval_slots(
         else:
             xr = ctx.xv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
             yr = ctx.yv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
-        d = _diff(
+        d, rel = _diff(
             xr.to(F64),
             yr.to(F64),
             ctx.mean[chs],
@@ -300,12 +304,16 @@ def _eval_slots(
             ctx.gamma[chs],
             ctx.beta[chs],
             ctx.eps,
-            rel,
         )
-        values, where = d.max(dim=1)
-        for (slot, ch), v, w in zip(part_slots, values.tolist(), where.tolist(), strict=True):
-            sample, pos = (slot, w) if part.layout == "rows" else divmod(w, length)
-            out.append((v, (sample, ch, *_unflat(pos, ctx.shape[2:]))))
+        dv, dw = d.max(dim=1)
+        rv, rw = rel.max(dim=1)
+        flat = torch.stack([dv, dw.to(F64), rv, rw.to(F64)]).tolist()
+        for j, (slot, ch) in enumerate(part_slots):
+            pair = []
+            for value, w in ((flat[0][j], int(flat[1][j])), (flat[2][j], int(flat[3][j]))):
+                sample, pos = (slot, w) if part.layout == "rows" else divmod(w, length)
+                pair.append((value, (sample, ch, *_unflat(pos, ctx.shape[2:]))))
+            out.append((pair[0], pair[1]))
     return out
 
 
@@ -317,18 +325,16 @@ def _diff(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     eps: float,
-    rel: bool,
-) -> torch.Tensor:
-    """|y - e| (or |y - e|/|e|) of (K, M) float64 rows, each with its channel's (K,) parameters,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """|y - e| and |y - e|/|e| of (K, M) float64 rows, each with its channel's (K,) parameters,
     with `compare`'s arithmetic (same operations in the same order) and conventions."""
     e = (x - mean[:, None]) / torch.sqrt(var[:, None] + eps)
     e = e * gamma[:, None] + beta[:, None]
     zero = torch.zeros((), dtype=F64, device=x.device)
     d = (y - e).abs()
     d = torch.where((y == e) | (y.isnan() & e.isnan()), zero, d).nan_to_num(nan=float("inf"))
-    if rel:
-        d = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
-    return d
+    rel = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
+    return d, rel
 
 
 def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -339,12 +345,9 @@ def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _region_max(
-    ctx: _Ctx, ns: slice, cs: slice, ls: slice, rel: bool
-) -> tuple[float, tuple[int, ...]]:
-    """Greatest |Δ| (or relative |Δ|) over samples ns, channels cs and plane segment ls, with
-    `compare`'s arithmetic and conventions, and its index into x."""
-    nd = 3
+def _region_max(ctx: _Ctx, ns: slice, cs: slice, ls: slice) -> tuple[Found, Found]:
+    """Greatest |Δ| and relative |Δ| over samples ns, channels cs and plane segment ls, with
+    `compare`'s arithmetic and conventions, and their indices into x."""
     xr = ctx.xv[ns, cs, ls].to(F64)
     yr = ctx.yv[ns, cs, ls].to(F64)
     e = (xr - _col(ctx.mean[cs])) / torch.sqrt(_col(ctx.var[cs]) + ctx.eps)
@@ -352,19 +355,21 @@ def _region_max(
     zero = torch.zeros((), dtype=F64, device=xr.device)
     d = (yr - e).abs()
     d = torch.where((yr == e) | (yr.isnan() & e.isnan()), zero, d).nan_to_num(nan=float("inf"))
-    if rel:
-        d = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
-    flat = int(torch.argmax(d).item())
-    value = float(d.reshape(-1)[flat].item())
-    nb, cb, lb = (int(s) for s in d.shape[:nd])
-    i, rest = divmod(flat, cb * lb)
-    j, k = divmod(rest, lb)
-    pos = int(ls.start) + k
-    spatial: list[int] = []
-    for s in reversed(ctx.shape[2:]):
-        spatial.append(pos % s)
-        pos //= s
-    return value, (int(ns.start) + i, int(cs.start) + j, *reversed(spatial))
+    rel = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
+    _, cb, lb = (int(s) for s in d.shape)
+    out = []
+    for t in (d, rel):
+        flat = int(torch.argmax(t).item())
+        value = float(t.reshape(-1)[flat].item())
+        i, rest = divmod(flat, cb * lb)
+        j, k = divmod(rest, lb)
+        out.append(
+            (
+                value,
+                (int(ns.start) + i, int(cs.start) + j, *_unflat(int(ls.start) + k, ctx.shape[2:])),
+            )
+        )
+    return out[0], out[1]
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,44 @@ def test_a_poor_pivot_is_summed_again_not_sent_to_the_reference(train: bool) -> 
 
 
 @pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("policy", ["eager", "compiled"])
+def test_scattered_poor_pivots_get_one_more_pass_over_the_layer(
+    train: bool, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every other channel sits at 1000 ± 0.1 while the pivot says 0: more runs of poorly
+    pivoted channels than MAX_REDO_SPANS, so the layer is summed once more, whole, and the
+    result is still the reference's."""
+    from bn_diff import kernels
+
+    case = make_case((4, 12, 16, 16), torch.float32, train, 9)
+    x = case["x"]
+    assert isinstance(x, torch.Tensor)
+    x = x.clone()
+    x[:, ::2] = x[:, ::2] * 0.1 + 1000.0
+    rm, rv = case["rm"], case["rv"]
+    assert isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor)
+    rm[::2] += 1000.0
+    rv[::2] *= 0.01
+    f32 = torch.float32
+    g, b = case["gamma"], case["beta"]
+    assert isinstance(g, torch.Tensor) and isinstance(b, torch.Tensor)
+    case["x"] = x
+    case["y"] = F.batch_norm(x, rm.to(f32), rv.to(f32), g.to(f32), b.to(f32), train, 0.0, 1e-5)
+    monkeypatch.setattr(fused, "_pivot", lambda xv: torch.zeros(int(xv.shape[1]), dtype=F64))
+    passes: list[int] = []
+    real = fused.fused_pass
+
+    def counted(xv: torch.Tensor, *a: object, **k: object) -> fused.Partials:
+        passes.append(int(xv.shape[1]))
+        return real(xv, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "fused_pass", counted)
+    with kernels.using(policy):
+        fast = assert_same(case, make_tolerance(None, None))
+    assert passes == [12, 12] and fast.exact_channels == 0
+
+
+@pytest.mark.parametrize("train", [True, False])
 def test_nan_and_inf_follow_the_reference(train: bool) -> None:
     case = make_case((4, 5, 3, 3), torch.float32, train, 0)
     x, y = case["x"], case["y"]
