@@ -5,7 +5,7 @@
 # Prints: the device and its TF32 settings; the CUDA tests; bn-diff run vs plain forward on the
 # ResNet-50-style network at batch 64 (eval and train, eager pass and compiled kernel side by side,
 # 5 rounds after a warm-up) with peak CUDA memory per fresh process and the one-time compile cost;
-# a cProfile of one compiled run. Each step has its own timeout; the whole stays under ~9 minutes.
+# a cProfile of one compiled run. Each step has its own timeout; the whole stays under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
