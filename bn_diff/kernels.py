@@ -6,8 +6,9 @@ The functions here compute the same per-(sample, channel) partial results, all i
 generated loop that reads each float32 element of x and y once and writes nothing but the (N, C)
 results: the pass then costs about what reading x and y costs.
 
-Compiling is not free (measured on a 2-core CPU: ~10 s the first time on a machine, ~2 s per
-process once torch's on-disk cache holds the kernels), so the policy decides when it pays:
+Compiling is not free (measured on a 2-core CPU, bench/RESULTS.md: ~10 s the first time on a
+machine, ~2.6 s per process once torch's on-disk cache holds the kernels, and ~110 MiB more
+resident memory for inductor itself), so the policy decides when it pays:
   "eager"     never compile;
   "compiled"  compile at the first eligible layer;
   "auto"      compile once this process has checked AUTO_ELEMS elements (a long loop of runs, or
@@ -32,9 +33,12 @@ import torch
 F64 = torch.float64
 POLICIES = ("auto", "compiled", "eager")
 ENV = "BN_DIFF_KERNEL"
-AUTO_ELEMS = 1 << 30
-"""Elements checked in this process before "auto" compiles. The compiled pass saves ~1.3 ns per
-element on the 2-core reference machine; 2^30 elements save more than a warm-cache compile costs."""
+AUTO_ELEMS = 1 << 31
+"""Elements checked in this process before "auto" compiles. The compiled pass saves ~1.0 ns per
+element on the 2-core reference machine (ResNet-50, batch 8 and 32), so the next 2^31 elements
+repay a warm-cache compile (~2.6 s): a process that has done this much work will likely do as much
+again. ResNet-50 at batch 8 checks 89 M elements per run; a single 8 GiB activation tiers up at
+once."""
 MIN_PLANE = 2048
 """Planes of at least this many values get partial results per (sample, channel) row ("rows");
 shorter ones per channel ("fold"). Each row ends in eight horizontal vector reductions, which
