@@ -151,8 +151,21 @@ def wanted(xv: torch.Tensor, yv: torch.Tensor) -> bool:
     _state.checked += numel
     if _state.failure is not None or not eligible(xv, yv) or _dispatch_mode_active():
         return False
+    if not _default_stance():
+        return False
     p = policy()
     return p == "compiled" or (p == "auto" and _state.checked >= AUTO_ELEMS)
+
+
+def _default_stance() -> bool:
+    """Whether torch.compile compiles right now: under another stance (Capture sets "force_eager"
+    for models with compiled submodules; a user may set one) the kernel would run its Python
+    source eagerly, on whole float64 tensors."""
+    try:
+        from torch._dynamo.eval_frame import _stance
+    except ImportError:  # older torch: no stances
+        return True
+    return getattr(_stance, "stance", "default") == "default"
 
 
 def _dispatch_mode_active() -> bool:

@@ -301,3 +301,15 @@ def test_cli_keeps_the_compile_cache_private(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     private_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+
+
+def test_no_kernel_when_compiling_is_forced_off(compiled: None) -> None:
+    """A model with a torch.compile'd submodule runs eagerly under Capture (stance "force_eager");
+    the kernel would then run eagerly too, on whole float64 tensors: the eager pass checks instead."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    net[0] = torch.compile(net[0])  # type: ignore[assignment]
+    report = bn_diff.run(net, torch.randn(2, 3, 14, 14), kernel="compiled")
+    assert bool(report) and used() == 0
+    with torch.compiler.set_stance("force_eager"):
+        assert_same(make_case((2, 3, 12, 12), torch.float32, False, 3), make_tolerance(None, None))
+    assert used() == 0
