@@ -161,6 +161,10 @@ def _default_stance() -> bool:
     """Whether torch.compile compiles right now: under another stance (Capture sets "force_eager"
     for models with compiled submodules; a user may set one) the kernel would run its Python
     source eagerly, on whole float64 tensors."""
+    import torch._dynamo
+
+    if torch._dynamo.config.disable:  # TORCHDYNAMO_DISABLE=1: torch.compile returns the function
+        return False
     try:
         from torch._dynamo.eval_frame import _stance
     except ImportError:  # older torch: no stances
@@ -234,12 +238,26 @@ def call(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] |
 
         # past dynamo's recompile limit the kernel would silently run eagerly, on whole float64
         # tensors: raise instead (dtypes, devices and 0/1-sized dimensions each compile once)
-        with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        # and with suppress_errors a failed compile would run it eagerly too, instead of raising
+        with torch._dynamo.config.patch(
+            recompile_limit=64, fail_on_recompile_limit_hit=True, suppress_errors=False
+        ):
             out = _kernel((lay, name))(*args)
     except Exception as e:  # no compiler, no Triton, an unsupported build: the eager pass serves
-        _state.failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+        _state.failure = _describe(e)
         return None
     return tuple(out)
+
+
+def _describe(e: BaseException) -> str:
+    """One line: the exception and, when it wraps another (BackendCompilerFailed), the cause."""
+
+    def line(x: BaseException) -> str:
+        text = str(x).strip()
+        return f"{type(x).__name__}: {text.splitlines()[0]}" if text else type(x).__name__
+
+    inner = getattr(e, "inner_exception", None) or e.__cause__
+    return line(e) + (f" ({line(inner)})" if isinstance(inner, BaseException) else "")
 
 
 def count_layer() -> None:

@@ -313,3 +313,38 @@ def test_no_kernel_when_compiling_is_forced_off(compiled: None) -> None:
     with torch.compiler.set_stance("force_eager"):
         assert_same(make_case((2, 3, 12, 12), torch.float32, False, 3), make_tolerance(None, None))
     assert used() == 0
+
+
+def test_no_kernel_when_dynamo_is_disabled(compiled: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(disable=True):
+        assert_same(make_case((2, 3, 12, 12), torch.float32, True, 4), make_tolerance(None, None))
+    assert used() == 0
+
+
+def test_a_suppressed_compile_error_still_falls_back_cleanly(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With dynamo's suppress_errors on, a failing compile would run the kernel's source eagerly
+    (whole float64 tensors); bn-diff turns it off for its own calls, so the failure is seen."""
+    import torch._dynamo
+
+    def bad_backend(*a: object, **k: object) -> object:
+        raise RuntimeError("backend exploded")
+
+    real = torch.compile
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, **k: real(fn, backend=bad_backend, dynamic=True, fullgraph=True),
+    )
+    kernels._compiled.clear()
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True):
+            case = make_case((2, 3, 12, 12), torch.float32, False, 5)
+            assert_same(case, make_tolerance(None, None))
+        failure = str(kernels.status()["failure"])
+        assert used() == 0 and "BackendCompilerFailed" in failure and "backend exploded" in failure
+    finally:
+        kernels._compiled.clear()
