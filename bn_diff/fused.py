@@ -346,9 +346,17 @@ def _compiled_pass(
     s1r, s2r, h0, l0, h1, l1, xmax, xmin = out
     if sums is not None:  # the statistics the coefficients came from
         s1r, s2r, xmax, xmin = sums
-    if lay == "fold":  # one slot per channel
-        s1r, s2r, h0, l0, h1, l1, xmax, xmin = (
-            t.unsqueeze(0) for t in (s1r, s2r, h0, l0, h1, l1, xmax, xmin)
+    if lay == "fold":  # one slot per channel, whose extremes of x are the channel's
+        return Partials(
+            layout=lay,
+            pivot=pivot,
+            s1=s1r.unsqueeze(0),
+            s2=s2r.unsqueeze(0),
+            hi=torch.stack((h0, h1)).unsqueeze(1),
+            lo=torch.stack((l0, l1)).unsqueeze(1),
+            xmin=xmin.to(F64),
+            xmax=xmax.to(F64),
+            target=target,
         )
     return Partials(
         layout=lay,

@@ -84,7 +84,9 @@ class Host:
         """`running`: (running_mean, sqrt(running_var + eps)) where the output was normalized
         with the running statistics. NumPy's floating-point warnings: the caller's (np.errstate)."""
         c = int(part.pivot.shape[0])
-        vecs = [part.s1.sum(0), part.s2.sum(0), part.pivot, part.xmin, part.xmax, gamma, beta]
+        # one slot: its sums are the channel's (a sum is never -0.0, so summing one row is exact)
+        t1, t2 = (part.s1[0], part.s2[0]) if len(part.s1) == 1 else (part.s1.sum(0), part.s2.sum(0))
+        vecs = [t1, t2, part.pivot, part.xmin, part.xmax, gamma, beta]
         vecs += [] if running is None else list(running)
         k = len(vecs) * c
         flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()
@@ -133,11 +135,6 @@ class FusedResult:
 class _Ctx:
     xv: torch.Tensor
     yv: torch.Tensor
-    mean: torch.Tensor
-    var: torch.Tensor
-    gamma: torch.Tensor
-    beta: torch.Tensor
-    eps: float
     shape: tuple[int, ...]
     host: tuple[Vec, Vec, Vec, Vec]
     """mean, sqrt(var + eps), gamma, beta on the host."""
@@ -219,7 +216,7 @@ def verdict(
         )
     if len(exact) != c:  # only clean channels are located: `_exact` left their values as they were
         hosted = (hmean, sd, host.gamma, host.beta)
-        ctx = _Ctx(xv, yv, mean_u, var_u, gamma, beta, eps, tuple(x.shape), hosted)
+        ctx = _Ctx(xv, yv, tuple(x.shape), hosted)
         _locate(ctx, part, host, r_slot, clean, margin, ch_max, best_abs, best_rel)
     zero = (0,) * x.dim()
     abs_v, abs_i = _pick(best_abs, zero)
@@ -370,39 +367,35 @@ Found = tuple[float, tuple[int, ...]]
 def _eval_slots(
     ctx: _Ctx, part: Partials, slots: list[tuple[int, int]]
 ) -> list[tuple[Found, Found]]:
-    """The greatest |Δ| and relative |Δ| of each (slot, channel) region, and where they are.
+    """The greatest |Δ| and relative |Δ| of each (slot, channel) region of a clean channel, and
+    where they are.
 
     Regions of one size ("rows": one sample's plane; "fold": all samples) are gathered and
     searched together, a bounded number of elements at a time; "split" ones one by one."""
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
-    if part.layout == "split" or not slots:
-        out = []
-        for slot, ch in slots:
-            ns, ls = part.slot_region(slot, n, length)
-            out.append(_region_max(ctx, ns, slice(ch, ch + 1), ls))
-        return out
-    size = length if part.layout == "rows" else n * length
-    step = max(1, BATCH_ELEMS // size)
+    if part.layout == "split":
+        groups = [[slot] for slot in slots]
+    else:
+        step = max(1, BATCH_ELEMS // (length if part.layout == "rows" else n * length))
+        groups = [slots[k : k + step] for k in range(0, len(slots), step)]
     out = []
-    for k in range(0, len(slots), step):
-        part_slots = slots[k : k + step]
-        chl = [ch for _, ch in part_slots]
-        chs = torch.tensor(chl, device=ctx.xv.device)
-        if part.layout == "rows":
-            rows = torch.tensor([s for s, _ in part_slots], device=ctx.xv.device)
-            xr, yr = ctx.xv[rows, chs], ctx.yv[rows, chs]  # (K, L)
-        else:
-            xr = ctx.xv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
-            yr = ctx.yv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
-        cols = _dev(np.stack([v[chl] for v in ctx.host])[:, :, None], chs.device)
-        dr = _diff(xr.to(F64), yr.to(F64), *cols)
+    for group in groups:
+        regions = [part.slot_region(slot, n, length) for slot, _ in group]
+        xr, yr = (
+            torch.stack([t[ns, ch, ls] for (ns, ls), (_, ch) in zip(regions, group, strict=True)])
+            for t in (ctx.xv, ctx.yv)
+        )
+        chl = [ch for _, ch in group]
+        cols = _dev(np.stack([v[chl] for v in ctx.host])[:, :, None], ctx.xv.device)
+        dr = _diff(xr.flatten(1), yr.flatten(1), *cols)
         best = dr.max(dim=2)  # first index of the greatest, as `compare`'s argmax
         values, where = best.values.tolist(), best.indices.tolist()
-        for j, (slot, ch) in enumerate(part_slots):
+        for j, ((ns, ls), (_, ch)) in enumerate(zip(regions, group, strict=True)):
             pair = []
             for value, w in ((values[0][j], where[0][j]), (values[1][j], where[1][j])):
-                sample, pos = (slot, w) if part.layout == "rows" else divmod(w, length)
-                pair.append((value, (sample, ch, *_unflat(pos, ctx.shape[2:]))))
+                i, k = divmod(w, int(ls.stop - ls.start))
+                pos = _unflat(int(ls.start) + k, ctx.shape[2:])
+                pair.append((value, (int(ns.start) + i, ch, *pos)))
             out.append((pair[0], pair[1]))
     return out
 
@@ -415,14 +408,18 @@ def _diff(
     gamma: torch.Tensor,
     beta: torch.Tensor,
 ) -> torch.Tensor:
-    """(2, K, M): |y - e| and |y - e|/|e| of (K, M) float64 rows, each with its channel's (K, 1)
-    parameters (sd = sqrt(var + eps)), with `compare`'s arithmetic (same operations in the same
-    order) and conventions."""
+    """(2, K, M) float64: |y - e| and |y - e|/|e| of (K, M) rows of x and y (in their own dtype,
+    converted exactly by type promotion), each with its channel's (K, 1) float64 parameters
+    (sd = sqrt(var + eps)), with `compare`'s arithmetic (same operations in the same order) and
+    conventions.
+
+    y is finite, as in every region searched here: a clean channel's residuals are all finite
+    (y = ±Inf or NaN makes the pass's greatest residual Inf or NaN). `compare`'s "equal values
+    agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0."""
     e = (x - mean) / sd
     e = e * gamma + beta
     out = torch.empty((2, *x.shape), dtype=F64, device=x.device)
-    d = torch.sub(y, e, out=out[0]).abs_()
-    d.masked_fill_((y == e) | (y.isnan() & e.isnan()), 0.0).nan_to_num_(nan=float("inf"))
+    d = torch.sub(y, e, out=out[0]).abs_().nan_to_num_(nan=float("inf"))
     rel = torch.div(d, e.abs(), out=out[1])
     rel.masked_fill_(d == 0, 0.0).nan_to_num_(nan=float("inf"))
     return out
@@ -434,37 +431,6 @@ def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
         out.append(pos % s)
         pos //= s
     return tuple(reversed(out))
-
-
-def _region_max(ctx: _Ctx, ns: slice, cs: slice, ls: slice) -> tuple[Found, Found]:
-    """Greatest |Δ| and relative |Δ| over samples ns, channels cs and plane segment ls, with
-    `compare`'s arithmetic and conventions, and their indices into x."""
-    xr = ctx.xv[ns, cs, ls].to(F64)
-    yr = ctx.yv[ns, cs, ls].to(F64)
-    e = (xr - _col(ctx.mean[cs])) / torch.sqrt(_col(ctx.var[cs]) + ctx.eps)
-    e = e * _col(ctx.gamma[cs]) + _col(ctx.beta[cs])
-    zero = torch.zeros((), dtype=F64, device=xr.device)
-    d = (yr - e).abs()
-    d = torch.where((yr == e) | (yr.isnan() & e.isnan()), zero, d).nan_to_num(nan=float("inf"))
-    rel = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
-    _, cb, lb = (int(s) for s in d.shape)
-    out = []
-    for t in (d, rel):
-        flat = int(torch.argmax(t).item())
-        value = float(t.reshape(-1)[flat].item())
-        i, rest = divmod(flat, cb * lb)
-        j, k = divmod(rest, lb)
-        out.append(
-            (
-                value,
-                (int(ns.start) + i, int(cs.start) + j, *_unflat(int(ls.start) + k, ctx.shape[2:])),
-            )
-        )
-    return out[0], out[1]
-
-
-def _col(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1)
 
 
 def _pick(cands: Candidates, zero: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
