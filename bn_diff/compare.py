@@ -9,7 +9,9 @@ infinities agree, anything else involving NaN mismatches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from .recompute import F64, Moments, _bcast, chunk_slices, chunks, reduce_dims
@@ -62,11 +64,25 @@ def rounding_allowance(
     """
     if tol.explicit:
         return torch.zeros_like(mean)
+    return allowance(tol, dtype, moments.absmax, mean, torch.sqrt(var + eps), gamma, beta)
+
+
+Vec = TypeVar("Vec", torch.Tensor, "np.ndarray[tuple[int, ...], np.dtype[np.float64]]")
+
+
+def allowance(
+    tol: Tolerance, dtype: torch.dtype, absmax: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec
+) -> Vec:
+    """`rounding_allowance` (for a tolerance that is not explicit) from max|x|, mean,
+    sd = sqrt(var + eps), gamma and beta: torch tensors, or float64 NumPy arrays (the fused path's
+    host arithmetic), with the same IEEE operations in the same order either way."""
     fin = torch.finfo(dtype) if dtype.is_floating_point else torch.finfo(torch.float32)
-    scale = (moments.absmax + mean.abs()) * gamma.abs() / torch.sqrt(var + eps) + beta.abs()
+    scale = (absmax + abs(mean)) * abs(gamma) / sd + abs(beta)
     allow = tol.rounding_k * fin.eps * scale
     # NaN/Inf statistics (a NaN input) give no allowance rather than an infinite one.
-    return torch.nan_to_num(allow, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(allow, torch.Tensor):
+        return torch.nan_to_num(allow, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.nan_to_num(allow, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def compare(

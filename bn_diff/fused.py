@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -182,18 +183,6 @@ class Partials:
     """(C,) float64: min of x, taken from x itself (exact)."""
     xmax: torch.Tensor
     target: int
-
-    def stats(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean - pivot, biased variance) per channel, from m values per channel."""
-        s1, s2 = self.s1.sum(0), self.s2.sum(0)
-        mean_p = s1 / m
-        return mean_p, torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
-
-    @staticmethod
-    def poorly_pivoted(mean_p: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """(C,) bool: finite statistics summed around a pivot more than sqrt(PIVOT_RATIO)
-        standard deviations from the mean, where the sums lose digits to cancellation."""
-        return torch.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
 
     def splice(self, cs: slice, other: Partials) -> None:
         """Put `other`, a pass over channels cs only, in place of those channels."""
@@ -357,9 +346,17 @@ def _compiled_pass(
     s1r, s2r, h0, l0, h1, l1, xmax, xmin = out
     if sums is not None:  # the statistics the coefficients came from
         s1r, s2r, xmax, xmin = sums
-    if lay == "fold":  # one slot per channel
-        s1r, s2r, h0, l0, h1, l1, xmax, xmin = (
-            t.unsqueeze(0) for t in (s1r, s2r, h0, l0, h1, l1, xmax, xmin)
+    if lay == "fold":  # one slot per channel, whose extremes of x are the channel's
+        return Partials(
+            layout=lay,
+            pivot=pivot,
+            s1=s1r.unsqueeze(0),
+            s2=s2r.unsqueeze(0),
+            hi=torch.stack((h0, h1)).unsqueeze(1),
+            lo=torch.stack((l0, l1)).unsqueeze(1),
+            xmin=xmin.to(F64),
+            xmax=xmax.to(F64),
+            target=target,
         )
     return Partials(
         layout=lay,
@@ -442,21 +439,23 @@ def fused_check(
     xv, yv = view3(x), view3(y)
     if xv is None or yv is None:
         return None
-    from .fused_verdict import verdict
+    from .fused_verdict import Host, verdict
 
     batch = use_batch_stats or running_mean is None or running_var is None
     target = target or block_elems(x.device)
     rm, rv = running_mean, running_var
-    with torch.no_grad():
+    # the running statistics, on the host where they normalized the output; torch's square root
+    running = None if batch or rm is None or rv is None else (rm, torch.sqrt(rv + eps))
+    with torch.no_grad(), np.errstate(all="ignore"):  # NaN and Inf follow BN's conventions
         part = fused_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target)
         m = int(xv.shape[0] * xv.shape[2])
-        mean_p, var = part.stats(m)
-        poor = part.poorly_pivoted(mean_p, var)
-        redo = torch.nonzero(poor).flatten().tolist()
+        host = Host.of(part, gamma, beta, running, m)
+        redo = host.poor.nonzero()[0].tolist() if host.poor.any() else []
         if redo:  # rare: sum those channels again around the mean the first pass found
-            better = part.pivot + mean_p
+            better = torch.from_numpy(host.pivot + host.mean_p).to(x.device)
             spans = runs(redo)
             if len(spans) > MAX_REDO_SPANS:  # scattered: one more pass over the whole layer
+                poor = torch.from_numpy(host.poor).to(x.device)
                 better = torch.where(poor, better, part.pivot)
                 spans = [(0, int(xv.shape[1]))]
             for c0, c1 in spans:
@@ -474,8 +473,8 @@ def fused_check(
                     pivot=better[cs],
                 )
                 part.splice(cs, sub)
-            mean_p, var = part.stats(m)
-        return verdict(x, y, xv, yv, part, (mean_p, var), gamma, beta, rm, rv, batch, eps, tol)
+            host = Host.of(part, gamma, beta, running, m)
+        return verdict(x, y, xv, yv, part, host, gamma, beta, rm, rv, batch, eps, tol)
 
 
 def runs(idx: list[int]) -> list[tuple[int, int]]:

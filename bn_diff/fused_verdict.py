@@ -9,16 +9,24 @@ path (`channel_moments`, `compare`) restricted to it: its counts are the referen
 
 The element of the greatest absolute and relative difference is located on the region (one
 sample's plane, or one block) that holds it, with `compare`'s own arithmetic and conventions.
+
+The per-channel arithmetic here works on (C,) and (slots, C) vectors: as torch calls it cost more
+in dispatch than the compiled pass costs in work, so the partial results come to the host once, as
+one float64 NumPy array (`Host`), and the small-vector arithmetic runs there. Every elementwise
+operation is IEEE float64 in both libraries, written in the order the torch code had, so the
+values are the same to the bit; sums over slots stay torch's (`Tensor.sum`). What the caller gets
+back (statistics, allowance, comparison) is torch tensors on x's device, as before.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .compare import Comparison, compare, resolve, rounding_allowance
-from .fused import Partials, runs
+from .compare import Comparison, allowance, compare, resolve, rounding_allowance
+from .fused import PIVOT_RATIO, Partials, runs
 from .recompute import F64, Moments, channel_moments
 from .results import Tolerance
 
@@ -33,6 +41,80 @@ BATCH_ELEMS = 1 << 18
 
 _EPS64 = float(torch.finfo(F64).eps)
 Candidates = list[tuple[float, tuple[int, ...]]]
+Vec = np.ndarray[tuple[int, ...], np.dtype[np.float64]]
+Mask = np.ndarray[tuple[int, ...], np.dtype[np.bool_]]
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A pass's partial results and the layer's float64 parameters on the host, as NumPy views of
+    one array (one transfer from the device, none on CPU), with the statistics derived from them.
+    """
+
+    mean_p: Vec
+    """(C,): mean - pivot, from m values per channel."""
+    var: Vec
+    """(C,): biased variance."""
+    poor: Mask
+    """(C,): finite statistics summed around a pivot more than sqrt(PIVOT_RATIO) standard
+    deviations from the mean, where the sums lose digits to cancellation."""
+    pivot: Vec
+    xmin: Vec
+    xmax: Vec
+    gamma: Vec
+    beta: Vec
+    rm: Vec | None
+    """(C,): the running mean, where the output was normalized with the running statistics."""
+    sd: Vec | None
+    """(C,): then sqrt(running_var + eps), by torch.sqrt (as `compare` has it: on CPU it may differ
+    from the correctly rounded root in the last bit)."""
+    hi: Vec
+    """(2, slots, C): as `Partials.hi`."""
+    lo: Vec
+
+    @classmethod
+    def of(
+        cls,
+        part: Partials,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        running: tuple[torch.Tensor, torch.Tensor] | None,
+        m: int,
+    ) -> Host:
+        """`running`: (running_mean, sqrt(running_var + eps)) where the output was normalized
+        with the running statistics. NumPy's floating-point warnings: the caller's (np.errstate)."""
+        c = int(part.pivot.shape[0])
+        # one slot: its sums are the channel's (a sum is never -0.0, so summing one row is exact)
+        t1, t2 = (part.s1[0], part.s2[0]) if len(part.s1) == 1 else (part.s1.sum(0), part.s2.sum(0))
+        vecs = [t1, t2, part.pivot, part.xmin, part.xmax, gamma, beta]
+        vecs += [] if running is None else list(running)
+        k = len(vecs) * c
+        flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()
+        s1, s2, pivot, xmin, xmax, g, b, *rmv = flat[:k].reshape(len(vecs), c)
+        mean_p = s1 / m
+        d = s2 - s1 * mean_p
+        var = np.where(d < 0.0, 0.0, d) / m  # torch.clamp_min's: NaN and -0.0 stay
+        poor = np.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
+        ext = flat[k:].reshape(2, *part.hi.shape)
+        return cls(
+            mean_p=mean_p,
+            var=var,
+            poor=poor,
+            pivot=pivot,
+            xmin=xmin,
+            xmax=xmax,
+            gamma=g,
+            beta=b,
+            rm=rmv[0] if rmv else None,
+            sd=rmv[1] if rmv else None,
+            hi=ext[0],
+            lo=ext[1],
+        )
+
+
+def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
+    """A host array as a tensor on `device` (on CPU the same memory: never write `a` after)."""
+    return torch.from_numpy(a).to(device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +135,9 @@ class FusedResult:
 class _Ctx:
     xv: torch.Tensor
     yv: torch.Tensor
-    mean: torch.Tensor
-    var: torch.Tensor
-    gamma: torch.Tensor
-    beta: torch.Tensor
-    eps: float
     shape: tuple[int, ...]
+    host: tuple[Vec, Vec, Vec, Vec]
+    """mean, sqrt(var + eps), gamma, beta on the host."""
 
 
 def verdict(
@@ -67,7 +146,7 @@ def verdict(
     xv: torch.Tensor,
     yv: torch.Tensor,
     part: Partials,
-    stats: tuple[torch.Tensor, torch.Tensor],
+    host: Host,
     gamma: torch.Tensor,
     beta: torch.Tensor,
     rm: torch.Tensor | None,
@@ -76,33 +155,45 @@ def verdict(
     eps: float,
     tol: Tolerance,
 ) -> FusedResult:
-    """`stats`: (mean - pivot, biased variance) per channel, as `Partials.stats` gives them."""
+    """`host`: `Host.of(part, ...)`, with the running statistics unless `batch`. NumPy's
+    floating-point warnings: the caller's (np.errstate)."""
     n, c, length = (int(s) for s in xv.shape)
-    m = n * length
-    mean_p, var_b = stats
-    mom = Moments(
-        mean=part.pivot + mean_p,
-        var=var_b,
-        min=part.xmin,
-        max=part.xmax,
-        count=m,
-    )
-    r_slot = torch.maximum(part.hi[0], -part.lo[0])
-    r_ch = r_slot.amax(0)
-    finite = torch.stack([mom.mean, var_b, mom.min, mom.max]).isfinite().all(0)
-    flagged = ~finite | part.poorly_pivoted(mean_p, var_b)
-    mean_u, var_u = (mom.mean, var_b) if batch else (rm, rv)
-    assert mean_u is not None and var_u is not None
+    dev = x.device
+    mean, var_b = host.pivot + host.mean_p, host.var
+    mv = _dev(np.stack([mean, var_b]), dev)
+    mom = Moments(mean=mv[0], var=mv[1], min=part.xmin, max=part.xmax, count=n * length)
+    mean_u: torch.Tensor | None
+    var_u: torch.Tensor | None
+    hmean: Vec | None
+    sd: Vec | None
+    if batch:
+        mean_u, var_u, hmean = mom.mean, mom.var, mean
+        sd = torch.sqrt(var_u + eps).cpu().numpy()  # torch's root, as `compare` takes it
+    else:
+        mean_u, var_u, hmean, sd = rm, rv, host.rm, host.sd
+    assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
+    r_slot = np.maximum(host.hi[0], -host.lo[0])
+    r_ch = r_slot.max(0)
+    finite = np.isfinite(mean) & np.isfinite(var_b)
+    finite &= np.isfinite(host.xmin) & np.isfinite(host.xmax)
+    flagged = ~finite | host.poor
     atol, rtol = resolve(tol, y.dtype)
-    allow = rounding_allowance(tol, y.dtype, mom, mean_u, var_u, gamma, beta, eps)
-    scale = (gamma / torch.sqrt(var_u + eps)).abs() * (3 * mom.absmax + 2 * mean_u.abs())
-    margin = MARGIN_ULPS * _EPS64 * (scale + beta.abs() + r_ch + atol + allow)
-    clean = ~flagged & torch.isfinite(margin) & (r_ch + margin < atol + allow)
-    ch_max = torch.where(clean, r_ch, torch.zeros_like(r_ch))
-    ch_cnt = torch.zeros(c, dtype=torch.int64, device=x.device)
+    absmax = np.maximum(np.abs(host.xmin), np.abs(host.xmax))  # Moments.absmax
+    hallow: Vec
+    if tol.explicit:
+        hallow = np.zeros(c)
+    else:
+        hallow = allowance(tol, y.dtype, absmax, hmean, sd, host.gamma, host.beta)
+    allow = _dev(hallow, dev)  # = rounding_allowance(...)
+    scale = np.abs(host.gamma / sd) * (3 * absmax + 2 * np.abs(hmean))
+    margin = MARGIN_ULPS * _EPS64 * (scale + np.abs(host.beta) + r_ch + atol + hallow)
+    clean = ~flagged & np.isfinite(margin) & (r_ch + margin < atol + hallow)
+    # + 0.0: no -0.0 (torch.maximum and np.maximum sign a zero differently; |Δ| is never -0.0)
+    ch_max = np.where(clean, r_ch, 0.0) + 0.0
+    ch_cnt = np.zeros(c, dtype=np.int64)
     best_abs: Candidates = []
     best_rel: Candidates = []
-    exact = torch.nonzero(~clean).flatten().tolist()
+    exact: list[int] = [] if clean.all() else np.flatnonzero(~clean).tolist()
     if exact:
         mom, mean_u, var_u, allow = _exact(
             x,
@@ -123,17 +214,18 @@ def verdict(
             best_abs,
             best_rel,
         )
-    ctx = _Ctx(xv, yv, mean_u, var_u, gamma, beta, eps, tuple(int(s) for s in x.shape))
-    if exact != list(range(c)):
-        _locate(ctx, part, r_slot, clean, margin, ch_max, best_abs, best_rel)
+    if len(exact) != c:  # only clean channels are located: `_exact` left their values as they were
+        hosted = (hmean, sd, host.gamma, host.beta)
+        ctx = _Ctx(xv, yv, tuple(x.shape), hosted)
+        _locate(ctx, part, host, r_slot, clean, margin, ch_max, best_abs, best_rel)
     zero = (0,) * x.dim()
     abs_v, abs_i = _pick(best_abs, zero)
     rel_v, rel_i = _pick(best_rel, zero)
     cmp = Comparison(
-        channel_max_abs=ch_max,
-        channel_mismatched=ch_cnt,
+        channel_max_abs=_dev(ch_max, dev),
+        channel_mismatched=_dev(ch_cnt, dev),
         numel=x.numel(),
-        mismatched=int(ch_cnt.sum().item()),
+        mismatched=int(ch_cnt.sum()),
         max_abs_diff=abs_v,
         max_abs_index=abs_i,
         max_rel_diff=rel_v,
@@ -156,8 +248,8 @@ def _exact(
     tol: Tolerance,
     atol: float,
     rtol: float,
-    ch_max: torch.Tensor,
-    ch_cnt: torch.Tensor,
+    ch_max: Vec,
+    ch_cnt: np.ndarray,  # type: ignore[type-arg]
     best_abs: Candidates,
     best_rel: Candidates,
 ) -> tuple[Moments, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,8 +284,8 @@ def _exact(
             rtol,
             allow[cs],
         )
-        ch_max[cs] = cmp.channel_max_abs
-        ch_cnt[cs] = cmp.channel_mismatched
+        ch_max[cs] = cmp.channel_max_abs.cpu().numpy()
+        ch_cnt[cs] = cmp.channel_mismatched.cpu().numpy()
         best_abs.append((cmp.max_abs_diff, _shift(cmp.max_abs_index, c0)))
         best_rel.append((cmp.max_rel_diff, _shift(cmp.max_rel_index, c0)))
     return mom, mean_u, var_u, allow
@@ -206,10 +298,11 @@ def _shift(idx: tuple[int, ...], c0: int) -> tuple[int, ...]:
 def _locate(
     ctx: _Ctx,
     part: Partials,
-    r_slot: torch.Tensor,
-    clean: torch.Tensor,
-    margin: torch.Tensor,
-    ch_max: torch.Tensor,
+    host: Host,
+    r_slot: Vec,
+    clean: Mask,
+    margin: Vec,
+    ch_max: Vec,
     best_abs: Candidates,
     best_rel: Candidates,
 ) -> None:
@@ -217,28 +310,29 @@ def _locate(
     regions that can hold them: for |Δ|, those within the channel margin of the greatest; for the
     relative one, those within 1e-9 of the greatest, or where a 0/0 hides the value. Regions of
     both kinds are gathered and searched once."""
-    score = torch.where(clean, r_slot, -1.0)
-    q = torch.maximum(part.hi[1], -part.lo[1])
+    score = np.where(clean, r_slot, -1.0)
+    q = np.maximum(host.hi[1], -host.lo[1])
     # a region whose residuals are all 0 has relative differences 0, even where 0/0 occurred
-    q = torch.where(r_slot == 0, torch.zeros_like(q), q)
-    unknown = q.isnan() & clean
-    known = torch.where(clean, q.nan_to_num(nan=-1.0), torch.full_like(q, -1.0))
-    top, widest, rtop, n_unknown = torch.stack(
-        [score.max(), margin.max(), known.max(), unknown.sum().to(F64)]
-    ).tolist()
+    q = np.where(r_slot == 0, 0.0, q)
+    unknown = np.isnan(q) & clean
+    known = np.where(clean, np.nan_to_num(q, nan=-1.0), -1.0)  # ±inf: ±the largest float
+    # the widest margin of the clean channels: another channel's (Inf or NaN where its values
+    # are) would make every slot, or none, a tie
+    widest = float(np.where(clean, margin, 0.0).max())
+    top, rtop, n_unknown = float(score.max()), float(known.max()), int(unknown.sum())
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     zero = (0,) * len(ctx.shape)
     abs_slots: list[tuple[int, int]] = []
     if top > 0:
         tie = top if top == float("inf") else top - widest
-        abs_slots = _first(torch.nonzero(score >= tie).tolist(), part, n, length)
+        abs_slots = _first(np.argwhere((score >= tie) & clean).tolist(), part, n, length)
     elif top == 0:
         best_abs.append((0.0, zero))
     rel_slots: list[tuple[int, int]] = []
     if rtop > 0 or n_unknown:
         tie = rtop if rtop == float("inf") else rtop - rtop * 1e-9
-        hits = torch.nonzero(unknown | (known >= tie)).tolist()
-        rel_slots = _first(hits, part, n, length, max(MAX_TIES, int(n_unknown)))
+        hits = np.argwhere(unknown | (known >= tie)).tolist()
+        rel_slots = _first(hits, part, n, length, max(MAX_TIES, n_unknown))
     elif rtop == 0:
         best_rel.append((0.0, zero))
     slots = list(dict.fromkeys(abs_slots + rel_slots))
@@ -273,46 +367,35 @@ Found = tuple[float, tuple[int, ...]]
 def _eval_slots(
     ctx: _Ctx, part: Partials, slots: list[tuple[int, int]]
 ) -> list[tuple[Found, Found]]:
-    """The greatest |Δ| and relative |Δ| of each (slot, channel) region, and where they are.
+    """The greatest |Δ| and relative |Δ| of each (slot, channel) region of a clean channel, and
+    where they are.
 
     Regions of one size ("rows": one sample's plane; "fold": all samples) are gathered and
     searched together, a bounded number of elements at a time; "split" ones one by one."""
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
-    if part.layout == "split" or not slots:
-        out = []
-        for slot, ch in slots:
-            ns, ls = part.slot_region(slot, n, length)
-            out.append(_region_max(ctx, ns, slice(ch, ch + 1), ls))
-        return out
-    size = length if part.layout == "rows" else n * length
-    step = max(1, BATCH_ELEMS // size)
+    if part.layout == "split":
+        groups = [[slot] for slot in slots]
+    else:
+        step = max(1, BATCH_ELEMS // (length if part.layout == "rows" else n * length))
+        groups = [slots[k : k + step] for k in range(0, len(slots), step)]
     out = []
-    for k in range(0, len(slots), step):
-        part_slots = slots[k : k + step]
-        chs = torch.tensor([ch for _, ch in part_slots], device=ctx.xv.device)
-        if part.layout == "rows":
-            rows = torch.tensor([s for s, _ in part_slots], device=ctx.xv.device)
-            xr, yr = ctx.xv[rows, chs], ctx.yv[rows, chs]  # (K, L)
-        else:
-            xr = ctx.xv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
-            yr = ctx.yv.index_select(1, chs).transpose(0, 1).reshape(len(part_slots), size)
-        d, rel = _diff(
-            xr.to(F64),
-            yr.to(F64),
-            ctx.mean[chs],
-            ctx.var[chs],
-            ctx.gamma[chs],
-            ctx.beta[chs],
-            ctx.eps,
+    for group in groups:
+        regions = [part.slot_region(slot, n, length) for slot, _ in group]
+        xr, yr = (
+            torch.stack([t[ns, ch, ls] for (ns, ls), (_, ch) in zip(regions, group, strict=True)])
+            for t in (ctx.xv, ctx.yv)
         )
-        dv, dw = d.max(dim=1)
-        rv, rw = rel.max(dim=1)
-        flat = torch.stack([dv, dw.to(F64), rv, rw.to(F64)]).tolist()
-        for j, (slot, ch) in enumerate(part_slots):
+        chl = [ch for _, ch in group]
+        cols = _dev(np.stack([v[chl] for v in ctx.host])[:, :, None], ctx.xv.device)
+        dr = _diff(xr.flatten(1), yr.flatten(1), *cols)
+        best = dr.max(dim=2)  # first index of the greatest, as `compare`'s argmax
+        values, where = best.values.tolist(), best.indices.tolist()
+        for j, ((ns, ls), (_, ch)) in enumerate(zip(regions, group, strict=True)):
             pair = []
-            for value, w in ((flat[0][j], int(flat[1][j])), (flat[2][j], int(flat[3][j]))):
-                sample, pos = (slot, w) if part.layout == "rows" else divmod(w, length)
-                pair.append((value, (sample, ch, *_unflat(pos, ctx.shape[2:]))))
+            for value, w in ((values[0][j], where[0][j]), (values[1][j], where[1][j])):
+                i, k = divmod(w, int(ls.stop - ls.start))
+                pos = _unflat(int(ls.start) + k, ctx.shape[2:])
+                pair.append((value, (int(ns.start) + i, ch, *pos)))
             out.append((pair[0], pair[1]))
     return out
 
@@ -321,20 +404,25 @@ def _diff(
     x: torch.Tensor,
     y: torch.Tensor,
     mean: torch.Tensor,
-    var: torch.Tensor,
+    sd: torch.Tensor,
     gamma: torch.Tensor,
     beta: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """|y - e| and |y - e|/|e| of (K, M) float64 rows, each with its channel's (K,) parameters,
-    with `compare`'s arithmetic (same operations in the same order) and conventions."""
-    e = (x - mean[:, None]) / torch.sqrt(var[:, None] + eps)
-    e = e * gamma[:, None] + beta[:, None]
-    zero = torch.zeros((), dtype=F64, device=x.device)
-    d = (y - e).abs()
-    d = torch.where((y == e) | (y.isnan() & e.isnan()), zero, d).nan_to_num(nan=float("inf"))
-    rel = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
-    return d, rel
+) -> torch.Tensor:
+    """(2, K, M) float64: |y - e| and |y - e|/|e| of (K, M) rows of x and y (in their own dtype,
+    converted exactly by type promotion), each with its channel's (K, 1) float64 parameters
+    (sd = sqrt(var + eps)), with `compare`'s arithmetic (same operations in the same order) and
+    conventions.
+
+    y is finite, as in every region searched here: a clean channel's residuals are all finite
+    (y = ±Inf or NaN makes the pass's greatest residual Inf or NaN). `compare`'s "equal values
+    agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0."""
+    e = (x - mean) / sd
+    e = e * gamma + beta
+    out = torch.empty((2, *x.shape), dtype=F64, device=x.device)
+    d = torch.sub(y, e, out=out[0]).abs_().nan_to_num_(nan=float("inf"))
+    rel = torch.div(d, e.abs(), out=out[1])
+    rel.masked_fill_(d == 0, 0.0).nan_to_num_(nan=float("inf"))
+    return out
 
 
 def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -343,37 +431,6 @@ def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
         out.append(pos % s)
         pos //= s
     return tuple(reversed(out))
-
-
-def _region_max(ctx: _Ctx, ns: slice, cs: slice, ls: slice) -> tuple[Found, Found]:
-    """Greatest |Δ| and relative |Δ| over samples ns, channels cs and plane segment ls, with
-    `compare`'s arithmetic and conventions, and their indices into x."""
-    xr = ctx.xv[ns, cs, ls].to(F64)
-    yr = ctx.yv[ns, cs, ls].to(F64)
-    e = (xr - _col(ctx.mean[cs])) / torch.sqrt(_col(ctx.var[cs]) + ctx.eps)
-    e = e * _col(ctx.gamma[cs]) + _col(ctx.beta[cs])
-    zero = torch.zeros((), dtype=F64, device=xr.device)
-    d = (yr - e).abs()
-    d = torch.where((yr == e) | (yr.isnan() & e.isnan()), zero, d).nan_to_num(nan=float("inf"))
-    rel = torch.where(d == 0, zero, d / e.abs()).nan_to_num(nan=float("inf"))
-    _, cb, lb = (int(s) for s in d.shape)
-    out = []
-    for t in (d, rel):
-        flat = int(torch.argmax(t).item())
-        value = float(t.reshape(-1)[flat].item())
-        i, rest = divmod(flat, cb * lb)
-        j, k = divmod(rest, lb)
-        out.append(
-            (
-                value,
-                (int(ns.start) + i, int(cs.start) + j, *_unflat(int(ls.start) + k, ctx.shape[2:])),
-            )
-        )
-    return out[0], out[1]
-
-
-def _col(v: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1)
 
 
 def _pick(cands: Candidates, zero: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:

@@ -156,8 +156,9 @@ def reference_check(
 
 
 def _nanmax(t: torch.Tensor) -> float:
-    v = t[~t.isnan()]
-    return float(v.max().item()) if v.numel() else float("nan")
+    """The greatest value that is not NaN (NaN when there is none); t not empty."""
+    v = float(t.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).max().item())
+    return math.nan if v == -math.inf and bool(t.isnan().all().item()) else v
 
 
 def _frozen(call: BnCall) -> bool:
