@@ -370,7 +370,7 @@ def main() -> None:
     emit(f"- load average at the end: {' / '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text("\n".join(out) + "\n")
+        args.markdown.write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
