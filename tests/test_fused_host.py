@@ -30,12 +30,26 @@ from bn_diff.recompute import F64  # noqa: E402
 BIG = torch.finfo(F64).max  # `compare` reports an Inf difference as the largest float64
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+def on(case: dict[str, object], device: str) -> dict[str, object]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
 @pytest.fixture(params=["eager", "compiled"])
 def policy(request: pytest.FixtureRequest) -> object:
     with kernels.using(str(request.param)):
         yield request.param
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
@@ -43,12 +57,17 @@ def policy(request: pytest.FixtureRequest) -> object:
     [((16, 12, 3, 3), None), ((16, 12, 3, 3), 64), ((4, 8, 64, 64), None), ((8, 4, 50, 50), None)],
 )
 def test_a_channel_with_inf_keeps_its_max_and_the_others_theirs(
-    policy: object, train: bool, dtype: torch.dtype, shape: tuple[int, ...], target: int | None
+    policy: object,
+    device: str,
+    train: bool,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    target: int | None,
 ) -> None:
     """y = Inf in the last channel: that channel goes through the reference path; before, its
     Inf margin made every slot a tie, and the search overwrote its max and others' with the
     maxima of the first few slots only."""
-    case = make_case(shape, dtype, train, seed=7)
+    case = on(make_case(shape, dtype, train, seed=7), device)
     y = case["y"]
     assert isinstance(y, torch.Tensor)
     y = y.clone()
@@ -61,8 +80,11 @@ def test_a_channel_with_inf_keeps_its_max_and_the_others_theirs(
     assert fast.comparison.max_abs_diff == BIG
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [False, True])
-def test_a_channel_with_nan_leaves_the_others_located(policy: object, train: bool) -> None:
+def test_a_channel_with_nan_leaves_the_others_located(
+    policy: object, device: str, train: bool
+) -> None:
     """x = NaN in one channel (its margin NaN): the greatest |Δ| of the clean channels is still
     found and located, as the reference finds it."""
     case = make_case((8, 16, 14, 14), torch.float32, train, seed=3)
@@ -76,6 +98,7 @@ def test_a_channel_with_nan_leaves_the_others_located(policy: object, train: boo
     f32 = torch.float32
     y = F.batch_norm(x, rm.to(f32), rv.to(f32), gamma.to(f32), beta.to(f32), train, 0.0, 1e-5)
     case["x"], case["y"] = x, y
+    case = on(case, device)
     fast, (_, _, ref) = both(case, make_tolerance(None, None))
     fc = fast.comparison
     assert torch.equal(fc.channel_mismatched, ref.channel_mismatched)  # type: ignore[attr-defined]
