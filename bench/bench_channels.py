@@ -25,18 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
-ORDER = (
-    "batch_mean",
-    "batch_var",
-    "running_mean",
-    "running_var",
-    "gamma",
-    "beta",
-    "max_abs_diff",
-    "mismatched",
-    "tolerance",
-    "train_eval_gap",
-)
+from bn_diff.channel_table import FIELDS  # noqa: E402
+
+ORDER = FIELDS[1:]
 """ChannelStats's fields after `index`: the order of the old eager tail's columns."""
 
 
