@@ -87,8 +87,8 @@ def time_rounds(
     import torch
 
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
-    forward(net, x, mode)  # warm-up round (the compiled kernel compiles here)
-    verdicts = {k: checked(net, x, mode, k) for k in kernels}
+    forward(net, x, mode)  # warm-up round
+    verdicts = {k: checked(net, x, mode, k) for k in kernels}  # the compiled kernel compiles here
     rows: dict[str, list[tuple[tuple[float, float], tuple[float, float]]]] = {
         k: [] for k in kernels
     }
@@ -268,7 +268,12 @@ def main() -> None:
         help="kernel policies of bn_diff.run to time (bn_diff/kernels.py)",
     )
     ap.add_argument("--no-compile-cost", action="store_true", help="skip the compile-cost children")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child",
+        default=None,
+        choices=["plain", "compile", *(f"run:{k}" for k in ("eager", "compiled", "auto"))],
+        help=argparse.SUPPRESS,
+    )
     ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

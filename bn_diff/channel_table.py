@@ -141,16 +141,18 @@ class ChannelTable(Sequence[ChannelStats]):
     def _columns(self) -> dict[str, list[Any]]:
         cols = self._cols
         if cols is None:
-            if self._src is not None and self._mism is not None:
+            src, mism = self._src, self._mism
+            if src is not None and mism is not None:
                 # one transfer for all float columns (one device sync on a GPU)
-                rows = self._src.tolist()
+                rows = src.tolist()
                 cols = {k: rows[i] for k, i in self._rows.items()}
-                cols["mismatched"] = self._mism.tolist()
-                self._src = self._mism = None  # the lists hold the numbers from now on
+                cols["mismatched"] = mism.tolist()
+                self._cols = cols  # before dropping the tensors: a reader in another thread
+                self._src = self._mism = None  # sees one or the other, never neither
             else:
                 items = self._materialize()
                 cols = {k: [getattr(c, k) for c in items] for k in FIELDS if k != "index"}
-            self._cols = cols
+                self._cols = cols
         return cols
 
     def column(self, name: str) -> tuple[Any, ...]:
@@ -167,15 +169,16 @@ class ChannelTable(Sequence[ChannelStats]):
         the column is absent, i.e. holds None). `mismatched` comes as int64, `index` as arange."""
         if name == "index":
             return torch.arange(self._n, device=device)
-        if self._cols is None and self._src is not None and self._mism is not None:
+        src, mism = self._src, self._mism  # one snapshot: another thread may drop them
+        if self._cols is None and src is not None and mism is not None:
             if name == "mismatched":
-                return self._mism.to(device, copy=True)
+                return mism.to(device, copy=True)
             row = self._rows.get(name)
             if row is None:
                 if name not in FIELDS:
                     raise KeyError(f"ChannelStats has no field {name!r}")
                 return None
-            return self._src[row].to(device, copy=True)
+            return src[row].to(device, copy=True)
         values = self.column(name)
         if any(v is None for v in values):
             return None
@@ -207,16 +210,17 @@ class ChannelTable(Sequence[ChannelStats]):
         return made
 
     def _one(self, i: int) -> ChannelStats:
+        src, mism = self._src, self._mism  # snapshots, in the order `_columns` drops them
         cols = self._cols
         kw: dict[str, Any]
-        if cols is not None:
-            kw = {k: (i if k == "index" else cols[k][i] if k in cols else None) for k in FIELDS}
-        else:
-            assert self._src is not None and self._mism is not None
-            vals = self._src[:, i].tolist()
+        if cols is None and src is not None and mism is not None:
+            vals = src[:, i].tolist()
             kw = {k: (vals[self._rows[k]] if k in self._rows else None) for k in _FLOATS}
             kw["index"] = i
-            kw["mismatched"] = int(self._mism[i].item())
+            kw["mismatched"] = int(mism[i].item())
+        else:
+            cols = self._columns()
+            kw = {k: (i if k == "index" else cols[k][i] if k in cols else None) for k in FIELDS}
         return ChannelStats(**kw)
 
     @overload

@@ -227,6 +227,10 @@ def run(
 ) -> None:
     """Check every BatchNorm layer of MODEL on INPUT against a float64 recompute."""
     _state["traceback"] = traceback_
+    if kernel != Kernel.eager:  # only a run that may compile needs the cache
+        from .kernels_env import private_cache
+
+        private_cache()
     from .pipeline import run_files
     from .render.console import make_console, progress_bar, render_run
 
@@ -511,6 +515,9 @@ def check(
     node, or conv holding a folded BN, against the eager layer (--against) or its own float64
     recompute. For CI: --junit, --json, ::error annotations under GitHub Actions."""
     _state["traceback"] = traceback_
+    from .kernels_env import private_cache  # `check --against` runs the model: it may compile
+
+    private_cache()
     import os
 
     from .check_export import check_files
@@ -567,9 +574,6 @@ def _write_reports(report: Any, json_out: str | None, junit: Path | None) -> Non
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user errors are one line with a hint; bugs keep their traceback (exit 4)."""
     _tolerant_streams()
-    from .kernels_env import private_cache
-
-    private_cache()
     try:
         code = app(args=argv, prog_name="bn-diff", standalone_mode=False)
     except typer.Exit as e:

@@ -67,12 +67,20 @@ def rounding_allowance(
     return allowance(tol, dtype, moments.absmax, mean, torch.sqrt(var + eps), gamma, beta)
 
 
-Vec = TypeVar("Vec", torch.Tensor, "np.ndarray[tuple[int, ...], np.dtype[np.float64]]")
+TensorOrArray = TypeVar(
+    "TensorOrArray", torch.Tensor, "np.ndarray[tuple[int, ...], np.dtype[np.float64]]"
+)
 
 
 def allowance(
-    tol: Tolerance, dtype: torch.dtype, absmax: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec
-) -> Vec:
+    tol: Tolerance,
+    dtype: torch.dtype,
+    absmax: TensorOrArray,
+    mean: TensorOrArray,
+    sd: TensorOrArray,
+    gamma: TensorOrArray,
+    beta: TensorOrArray,
+) -> TensorOrArray:
     """`rounding_allowance` (for a tolerance that is not explicit) from max|x|, mean,
     sd = sqrt(var + eps), gamma and beta: torch tensors, or float64 NumPy arrays (the fused path's
     host arithmetic), with the same IEEE operations in the same order either way."""

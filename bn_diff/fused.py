@@ -12,6 +12,9 @@ All of it is float64: a channel's max |Δ| is the reference's up to float64 roun
 the channels where rounding could matter (near their tolerance, non-finite) through the
 reference path; channels whose pivot was poor are summed again around their mean first.
 
+The same partial results can come from one compiled loop per layer (bn_diff/kernels.py), for
+layers whose search regions fit a block; a layer keeps one way through its redo passes.
+
 Blocks are channel-major: a channel's statistics are complete before its comparison starts, so
 in train mode (statistics from the batch) x is converted once per block, as in eval mode,
 whenever a channel fits in one block. Only bounded scratch is allocated, never a float64 twin:
@@ -183,9 +186,14 @@ class Partials:
     """(C,) float64: min of x, taken from x itself (exact)."""
     xmax: torch.Tensor
     target: int
+    compiled: bool = False
+    """Made by the compiled kernel (bn_diff/kernels.py), whose layouts differ from this pass's."""
 
     def splice(self, cs: slice, other: Partials) -> None:
-        """Put `other`, a pass over channels cs only, in place of those channels."""
+        """Put `other`, a pass over channels cs only, in place of those channels (the same
+        layout and slots: a broadcast would silently mix them)."""
+        if other.layout != self.layout or other.s1.shape[0] != self.s1.shape[0]:
+            raise ValueError(f"cannot splice a {other.layout} pass into a {self.layout} one")
         self.pivot[cs] = other.pivot
         self.s1[:, cs], self.s2[:, cs] = other.s1, other.s2
         self.hi[..., cs], self.lo[..., cs] = other.hi, other.lo
@@ -211,6 +219,7 @@ def fused_pass(
     eps: float,
     target: int,
     pivot: torch.Tensor | None = None,
+    use_kernel: bool | None = None,
 ) -> Partials:
     """One walk over x and y, as (N, C, L) views; float64 (C,) parameters (and pivot, when the
     caller knows a better one than a sample of x)."""
@@ -218,7 +227,7 @@ def fused_pass(
     dev = xv.device
     m = n * length
     pivot = _pivot(xv) if pivot is None else pivot
-    if kernels.wanted(xv, yv):
+    if kernels.wanted(xv, yv) if use_kernel is None else use_kernel:
         done = _compiled_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target, pivot)
         if done is not None:
             return done
@@ -320,8 +329,9 @@ def _compiled_pass(
     target: int,
     pivot: torch.Tensor,
 ) -> Partials | None:
-    """`fused_pass` in the "rows" layout by the compiled kernels (bn_diff/kernels.py): one read of
-    x and y in eval mode, a statistics read of x first in train mode. None when they fail."""
+    """`fused_pass` by the compiled kernels (bn_diff/kernels.py), in their "rows" (planes of at
+    least kernels.MIN_PLANE values) or "fold" layout: one read of x and y in eval mode, a
+    statistics read of x first in train mode. None when they fail."""
     p = pivot.view(-1, 1)
     lay = kernels.layout(int(xv.shape[2]))
     sums: tuple[torch.Tensor, ...] | None = None
@@ -357,6 +367,7 @@ def _compiled_pass(
             xmin=xmin.to(F64),
             xmax=xmax.to(F64),
             target=target,
+            compiled=True,
         )
     return Partials(
         layout=lay,
@@ -368,6 +379,7 @@ def _compiled_pass(
         xmin=xmin.amin(0).to(F64),
         xmax=xmax.amax(0).to(F64),
         target=target,
+        compiled=True,
     )
 
 
@@ -454,10 +466,16 @@ def fused_check(
         if redo:  # rare: sum those channels again around the mean the first pass found
             better = torch.from_numpy(host.pivot + host.mean_p).to(x.device)
             spans = runs(redo)
-            if len(spans) > MAX_REDO_SPANS:  # scattered: one more pass over the whole layer
+            if part.compiled or len(spans) > MAX_REDO_SPANS:
+                # one more pass over the whole layer: scattered channels, or the compiled
+                # kernel (same shapes: no new compile, same layout)
                 poor = torch.from_numpy(host.poor).to(x.device)
-                better = torch.where(poor, better, part.pivot)
-                spans = [(0, int(xv.shape[1]))]
+                pivots = torch.where(poor, better, part.pivot)
+                args = (xv, yv, gamma, beta, rm, rv, batch, eps, target)
+                again = _compiled_pass(*args, pivots) if part.compiled else None
+                # the eager pass where the kernel was not used or has failed since
+                part = again or fused_pass(*args, pivot=pivots, use_kernel=False)
+                spans = []
             for c0, c1 in spans:
                 cs = slice(c0, c1)
                 sub = fused_pass(
@@ -471,6 +489,7 @@ def fused_check(
                     eps,
                     target,
                     pivot=better[cs],
+                    use_kernel=False,
                 )
                 part.splice(cs, sub)
             host = Host.of(part, gamma, beta, running, m)

@@ -13,10 +13,11 @@ resident memory for inductor itself), so the policy decides when it pays:
   "compiled"  compile at the first eligible layer;
   "auto"      compile once this process has checked AUTO_ELEMS elements (a long loop of runs, or
               one huge activation), when the compile is a small part of the work left.
-Where compiling or running a kernel fails (no C++ compiler, no Triton, an unsupported build), the
-reason is kept in `status()`, the policy falls back to "eager" for the rest of the process, and the
-layer is checked by the eager pass: results never depend on whether a kernel was used beyond float64
-rounding, which the verdict's margins cover (fused_verdict.MARGIN_ULPS).
+Where compiling or running a kernel fails (no C++ compiler, no Triton, an unsupported build, too
+many shape variants), the reason is kept in `status()["failure"]`, no kernel is tried again in this
+process whatever the policy says, and the layer is checked by the eager pass: results never depend
+on whether a kernel was used beyond float64 rounding, which the verdict's margins cover
+(fused_verdict.MARGIN_ULPS).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +47,6 @@ shorter ones per channel ("fold"). Each row ends in eight horizontal vector redu
 short rows cannot amortise: measured on ResNet-50's shapes (2 cores), "fold" takes 0.32 ns per
 element at planes of 196 and 784 values against 0.98 and 0.44 for "rows", and "rows" wins only
 from ~3000 values on (0.39 vs 0.44 ns)."""
-MAX_PLANE = 1 << 22
-"""Planes longer than this stay on the eager pass (its "split" layout): locating the greatest
-difference gathers one plane in float64, which must stay small next to the activation."""
 MAX_ROWS = 1 << 24
 """At most this many (sample, channel) rows: the partial results are 8 float64 per row."""
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,16 +83,28 @@ class _State:
 
 
 _state = _State()
+_scoped: ContextVar[str | None] = ContextVar("bn_diff_kernel_policy", default=None)
 _lock = threading.Lock()
 _compiled: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
 def policy() -> str:
-    """The policy in force: set_policy's, else $BN_DIFF_KERNEL, else "auto"."""
+    """The policy in force: `using`'s (this thread or task), else set_policy's, else
+    $BN_DIFF_KERNEL (see `env_policy`), else "auto"."""
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
     if _state.policy is not None:
         return _state.policy
+    env = env_policy()
+    return "auto" if env is None or env not in POLICIES else env
+
+
+def env_policy() -> str | None:
+    """$BN_DIFF_KERNEL, normalised (None when unset or empty); may be invalid, which `run`
+    refuses and `policy` reads as "auto"."""
     env = os.environ.get(ENV, "").strip().lower()
-    return env if env in POLICIES else "auto"
+    return env or None
 
 
 def set_policy(value: str | None) -> None:
@@ -109,12 +120,13 @@ def using(value: str | None) -> Iterator[None]:
     if value is None:
         yield
         return
-    old = _state.policy
-    set_policy(value)
+    if value not in POLICIES:
+        raise ValueError(f"kernel policy must be one of {', '.join(POLICIES)}, not {value!r}")
+    token = _scoped.set(value)  # a context variable: runs in other threads keep their own
     try:
         yield
     finally:
-        _state.policy = old
+        _scoped.reset(token)
 
 
 def status() -> dict[str, Any]:
@@ -134,28 +146,37 @@ def reset() -> None:
 
 
 def eligible(xv: torch.Tensor, yv: torch.Tensor) -> bool:
-    """Whether an (N, C, L) layer can take a compiled kernel at all."""
+    """Whether an (N, C, L) layer can take a compiled kernel at all.
+
+    Locating the greatest difference recomputes one region in float64: a plane ("rows") or a
+    whole channel ("fold"). Both must fit the eager pass's block (fused.block_elems), or the
+    search would make float64 temporaries the size of the activation; larger layers keep the
+    eager pass, whose "split" layout bounds its regions."""
+    from .fused import block_elems
+
     n, c, length = (int(s) for s in xv.shape)
+    region = length if layout(length) == "rows" else n * length
     return (
         xv.dtype in DTYPES
         and yv.dtype == xv.dtype
-        and length <= MAX_PLANE
+        and region <= block_elems(xv.device)
         and n * c <= MAX_ROWS
         and xv.device.type in ("cpu", "cuda")
     )
 
 
 def wanted(xv: torch.Tensor, yv: torch.Tensor) -> bool:
-    """Count this layer's elements, and say whether a compiled kernel should check it."""
-    numel = int(xv.numel())
-    _state.checked += numel
+    """Count this layer's elements if a kernel could take it, and say whether one should."""
+    if not eligible(xv, yv):
+        return False
+    _state.checked += int(xv.numel())  # the work a kernel could have taken
     p = policy()
     if not (p == "compiled" or (p == "auto" and _state.checked >= AUTO_ELEMS)):
         # decided before anything imports torch._dynamo: on an H200, a run that imported it
         # from its hooks without compiling anything peaked at 1.99x the plain forward's CUDA
         # memory, against 1.28x without the import (ResNet-50, batch 64, eager pass)
         return False
-    if _state.failure is not None or not eligible(xv, yv) or _dispatch_mode_active():
+    if _state.failure is not None or _dispatch_mode_active():
         return False
     return _default_stance()
 

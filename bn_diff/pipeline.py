@@ -285,6 +285,12 @@ def run(
             f"--kernel must be {', '.join(kernels.POLICIES)}, not {kernel!r}",
             "auto compiles once the work pays for it; eager never compiles",
         )
+    env = kernels.env_policy()
+    if kernel is None and env is not None and env not in kernels.POLICIES:
+        raise UsageError(
+            f"${kernels.ENV} must be {', '.join(kernels.POLICIES)}, not {env!r}",
+            f"unset {kernels.ENV} for the default (auto)",
+        )
     with kernels.using(kernel):
         return _run(
             model,
@@ -385,14 +391,19 @@ def _run(
         raise _model_error(model, inp, failure, mode) from None
     findings.extend(capture_findings(cap))
     failure_now = kernels.status()["failure"]
-    if failure_now is not None and failure_now != kernel_failure:
+    if failure_now is not None and (
+        failure_now != kernel_failure or kernels.policy() == "compiled"
+    ):
+        recompiles = "recompile" in failure_now.lower()
         findings.append(
             Finding(
                 "kernel_unavailable",
                 "info",
-                f"the compiled check kernel could not be used ({failure_now}); every layer was "
-                "checked by the eager pass instead: same verdict, more time",
-                "install a C++ compiler (CPU) or Triton (GPU), or pass --kernel eager",
+                f"the compiled check kernel is unavailable in this process ({failure_now}); the "
+                "eager pass checked the layers it would have taken: same verdict, more time",
+                "too many shape or dtype variants for one process: pass --kernel eager"
+                if recompiles
+                else "install a C++ compiler (CPU) or Triton (GPU), or pass --kernel eager",
             )
         )
 

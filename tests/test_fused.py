@@ -303,7 +303,8 @@ def test_scattered_poor_pivots_get_one_more_pass_over_the_layer(
     monkeypatch.setattr(fused, "fused_pass", counted)
     with kernels.using(policy):
         fast = assert_same(case, make_tolerance(None, None))
-    assert passes == [12, 12] and fast.exact_channels == 0
+    # the compiled kernel redoes the layer itself (`_compiled_pass`), the eager pass by fused_pass
+    assert passes == ([12, 12] if policy == "eager" else [12]) and fast.exact_channels == 0
 
 
 @pytest.mark.parametrize("train", [True, False])

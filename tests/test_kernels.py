@@ -25,7 +25,7 @@ from test_fused import assert_same, make_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_diff
-from bn_diff import kernels
+from bn_diff import fused, kernels
 from bn_diff.fused import fused_check
 from bn_diff.pipeline import make_tolerance
 from bn_diff.recompute import F64
@@ -253,15 +253,22 @@ def test_the_compiled_kernel_allocates_no_float64_twin() -> None:
     assert growth_mib < 48, growth_mib
 
 
-def test_fused_check_on_a_huge_plane_stays_eager(compiled: None) -> None:
-    """Planes beyond MAX_PLANE keep the eager "split" layout (locating a difference would gather
-    a whole plane in float64)."""
-    x = torch.randn(1, 1, kernels.MAX_PLANE + 1)
+@pytest.mark.parametrize("layout", ["rows", "fold"])
+def test_layers_whose_search_region_exceeds_a_block_stay_eager(compiled: None, layout: str) -> None:
+    """Locating the greatest difference recomputes a plane ("rows") or a whole channel ("fold")
+    in float64: beyond one eager block that would be float64 temporaries the size of the
+    activation (a (8192, 1, 1024) layer peaked at ~10x its size), so the eager "split" layout
+    checks such layers."""
+    block = fused.block_elems(torch.device("cpu"))
+    shape = (1, 1, block + 1) if layout == "rows" else (block // 1024 + 1, 1, 1024)
+    assert kernels.layout(shape[2]) == layout
+    x = torch.randn(shape)
     y = F.batch_norm(x, None, None, training=True)
+    assert not kernels.eligible(x, y)
     one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
     res = fused_check(x, y, one, zero, None, None, True, 1e-5, make_tolerance(None, None))
     assert res is not None and res.comparison.mismatched == 0
-    assert used() == 0
+    assert used() == 0 and kernels.status()["checked_elements"] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -372,3 +379,103 @@ def test_the_eager_policy_never_imports_dynamo() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def poorly_pivoted_case(train: bool) -> dict[str, object]:
+    """Values at the positions fused._pivot samples sit far from the rest (0 among 1000 ± 0.1):
+    every channel is summed a second time, around its mean."""
+    case = make_case((8, 2, 16, 16), torch.float32, train, 5, 1000.0, 0.1)
+    x = case["x"]
+    assert isinstance(x, torch.Tensor)
+    x = x.clone()
+    x.view(8, 2, 256)[::2, :, ::32] = 0.0
+    f32 = torch.float32
+    rm, rv, g, b = (case[k] for k in ("rm", "rv", "gamma", "beta"))
+    assert isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor)
+    assert isinstance(g, torch.Tensor) and isinstance(b, torch.Tensor)
+    case["x"] = x
+    case["y"] = F.batch_norm(x, rm.to(f32), rv.to(f32), g.to(f32), b.to(f32), train, 0.0, 1e-5)
+    return case
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_redo_pass_keeps_the_layout_of_the_first(
+    train: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "auto" crossing its threshold between a layer's first pass (eager, "rows") and the redo
+    of its poorly pivoted channels: the redo stays eager. Before, it went compiled ("fold", one
+    slot) and the splice broadcast it over every sample: batch variances 8x too large."""
+    monkeypatch.setattr(kernels, "AUTO_ELEMS", 8 * 2 * 256 + 1)
+    kernels.set_policy("auto")
+    kernels.reset()
+    try:
+        fast = assert_same(poorly_pivoted_case(train), make_tolerance(None, None))
+        assert used() == 0 and fast.exact_channels == 0
+    finally:
+        kernels.set_policy(None)
+        kernels.reset()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_compiled_layer_is_redone_whole_by_the_kernel(compiled: None, train: bool) -> None:
+    fast = assert_same(poorly_pivoted_case(train), make_tolerance(None, None))
+    assert used() == 2 and fast.exact_channels == 0  # both passes compiled, same shapes
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_kernel_failing_at_the_redo_hands_the_whole_layer_to_the_eager_pass(
+    compiled: None, train: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = kernels.call
+    calls: list[str] = []
+
+    def flaky(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        calls.append(name)
+        if len(calls) > (2 if train else 1):  # the redo's first call fails
+            kernels._state.failure = "RuntimeError: gone"
+            return None
+        return real(lay, name, *args)
+
+    monkeypatch.setattr(kernels, "call", flaky)
+    fast = assert_same(poorly_pivoted_case(train), make_tolerance(None, None))
+    assert used() == 1 and fast.exact_channels == 0
+
+
+def test_an_invalid_environment_policy_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import cli
+
+    from bn_diff.errors import UsageError
+
+    monkeypatch.setenv(kernels.ENV, "fastest")
+    kernels.set_policy(None)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with pytest.raises(UsageError, match="BN_DIFF_KERNEL must be auto, compiled, eager"):
+        bn_diff.run(net, torch.randn(2, 3, 8, 8))
+    assert bn_diff.run(net, torch.randn(2, 3, 8, 8), kernel="eager")  # an explicit choice wins
+    res = cli("run", "--input-shape", "1,3,8,8", "--kernel", "fastest", "model.pt")
+    assert res.code == 2 and "fastest" in res.err
+
+
+def test_a_scoped_policy_is_per_thread() -> None:
+    """run(kernel=...) in one thread neither shows in nor outlives another thread's run."""
+    import threading
+
+    seen: dict[str, str] = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other() -> None:
+        with kernels.using("compiled"):
+            seen["other"] = kernels.policy()
+            inside.set()
+            done.wait(5)
+
+    t = threading.Thread(target=other)
+    with kernels.using("eager"):
+        t.start()
+        inside.wait(5)
+        seen["main"] = kernels.policy()
+        done.set()
+        t.join(5)
+    assert seen == {"other": "compiled", "main": "eager"}
+    assert kernels.policy() == "auto" or kernels.policy() == kernels.env_policy()
