@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bn_diff import kernels  # noqa: E402
-from bn_diff.capture import Capture  # noqa: E402
-from bn_diff.fused import _compiled_pass, _pivot, fused_check, view3  # noqa: E402
+from bn_diff.capture import BnCall, Capture  # noqa: E402
+from bn_diff.fused import BnArgs, _compiled_pass, _pivot, fused_check, view3  # noqa: E402
 from bn_diff.pipeline import check_call, make_tolerance  # noqa: E402
 
 
@@ -49,6 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     kernels.set_policy("compiled")
     bn = torch.nn.BatchNorm2d(shape[1]) if len(shape) == 4 else torch.nn.BatchNorm1d(shape[1])
+    assert bn.running_mean is not None and bn.running_var is not None
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
@@ -56,7 +57,7 @@ def main() -> None:
         bn.bias.uniform_(-0.5, 0.5)
     bn.train(args.mode == "train")
     x = torch.randn(*shape)
-    calls = []
+    calls: list[BnCall] = []
     net = torch.nn.Sequential(bn)
     with Capture(net, calls.append, "as-is"), torch.no_grad():
         net(x)
@@ -72,7 +73,8 @@ def main() -> None:
     assert xv is not None and yv is not None
 
     def kernel() -> object:
-        return _compiled_pass(xv, yv, g, b, rm, rv, batch, bn.eps, 1 << 18, _pivot(xv))
+        args = BnArgs(g, b, rm, rv, batch, bn.eps)
+        return _compiled_pass(xv, yv, args, 1 << 18, _pivot(xv))
 
     def fused() -> object:
         return fused_check(x, y, g, b, rm, rv, batch, bn.eps, tol)

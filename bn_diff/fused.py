@@ -93,6 +93,39 @@ class Block:
         return nb * cb * lb
 
 
+@dataclass(frozen=True, slots=True)
+class BnArgs:
+    """One BN call as every pass and the verdict take it: float64 (C,) parameters and statistics,
+    and whether the output was normalized with the batch statistics."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    rm: torch.Tensor | None
+    rv: torch.Tensor | None
+    batch: bool
+    eps: float
+
+    def channels(self, cs: slice) -> BnArgs:
+        """The same call restricted to channels cs."""
+        rm, rv = self.rm, self.rv
+        return BnArgs(
+            self.gamma[cs],
+            self.beta[cs],
+            None if rm is None else rm[cs],
+            None if rv is None else rv[cs],
+            self.batch,
+            self.eps,
+        )
+
+    def neg_e(
+        self, offset: torch.Tensor, var: torch.Tensor, cs: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(na, nb) with -e = na·(x - p) + nb for channels cs, normalized with `var` and a mean
+        `offset` from the pivot p: a = gamma/sqrt(var + eps), na = -a, nb = a·offset - beta."""
+        a = self.gamma[cs] / torch.sqrt(var + self.eps)
+        return -a, a * offset - self.beta[cs]
+
+
 def plan(n: int, c: int, length: int, target: int) -> tuple[int, Iterator[list[Block]]]:
     """(blocks per channel, groups): channel groups in channel order, each a list of blocks of at
     most `target` elements (at least one) that together cover those channels for all samples."""
@@ -211,24 +244,19 @@ class Partials:
 def fused_pass(
     xv: torch.Tensor,
     yv: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    rm: torch.Tensor | None,
-    rv: torch.Tensor | None,
-    batch: bool,
-    eps: float,
+    bn: BnArgs,
     target: int,
     pivot: torch.Tensor | None = None,
     use_kernel: bool | None = None,
 ) -> Partials:
-    """One walk over x and y, as (N, C, L) views; float64 (C,) parameters (and pivot, when the
-    caller knows a better one than a sample of x)."""
+    """One walk over x and y, as (N, C, L) views (and a pivot, when the caller knows a better one
+    than a sample of x); `use_kernel` None: as bn_diff/kernels.py's policy says."""
     n, c, length = (int(s) for s in xv.shape)
     dev = xv.device
     m = n * length
     pivot = _pivot(xv) if pivot is None else pivot
     if kernels.wanted(xv, yv) if use_kernel is None else use_kernel:
-        done = _compiled_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target, pivot)
+        done = _compiled_pass(xv, yv, bn, target, pivot)
         if done is not None:
             return done
     p3 = pivot.view(1, -1, 1)
@@ -240,10 +268,9 @@ def fused_pass(
     nothing = torch.empty(0, dtype=F64, device=dev)
     nothing2 = torch.empty(0, dtype=F64, device=dev)
     coef_all = None
-    if not batch:
-        assert rm is not None and rv is not None
-        a_all = gamma / torch.sqrt(rv + eps)
-        coef_all = (-a_all, a_all * (rm - pivot) - beta)  # of -e: x - p -> -a·(x - p) - b'
+    if not bn.batch:
+        assert bn.rm is not None and bn.rv is not None
+        coef_all = bn.neg_e(bn.rm - pivot, bn.rv)
 
     s1s: list[torch.Tensor] = []
     s2s: list[torch.Tensor] = []
@@ -263,8 +290,7 @@ def fused_pass(
             gs2 = s2s[-1].sum(0) if len(group) == 1 else torch.cat(s2s[-len(group) :]).sum(0)
             mean_p = gs1 / m
             var = torch.clamp_min(gs2 - gs1 * mean_p, 0.0) / m
-            a = gamma[cs] / torch.sqrt(var + eps)
-            coef = (-a, a * mean_p - beta[cs])
+            coef = bn.neg_e(mean_p, var, cs)
         else:
             coef = (coef_all[0][cs], coef_all[1][cs])
         for blk in group:
@@ -318,16 +344,7 @@ def fused_pass(
 
 
 def _compiled_pass(
-    xv: torch.Tensor,
-    yv: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    rm: torch.Tensor | None,
-    rv: torch.Tensor | None,
-    batch: bool,
-    eps: float,
-    target: int,
-    pivot: torch.Tensor,
+    xv: torch.Tensor, yv: torch.Tensor, bn: BnArgs, target: int, pivot: torch.Tensor
 ) -> Partials | None:
     """`fused_pass` by the compiled kernels (bn_diff/kernels.py), in their "rows" (planes of at
     least kernels.MIN_PLANE values) or "fold" layout: one read of x and y in eval mode, a
@@ -335,7 +352,7 @@ def _compiled_pass(
     p = pivot.view(-1, 1)
     lay = kernels.layout(int(xv.shape[2]))
     sums: tuple[torch.Tensor, ...] | None = None
-    if batch:
+    if bn.batch:
         sums = kernels.call(lay, "sums", xv, p)
         if sums is None:
             return None
@@ -343,12 +360,10 @@ def _compiled_pass(
         m = int(xv.shape[0] * xv.shape[2])
         mean_p = s1 / m
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
-        a = gamma / torch.sqrt(var + eps)
-        na, nb = -a, a * mean_p - beta
+        na, nb = bn.neg_e(mean_p, var)
     else:
-        assert rm is not None and rv is not None
-        a = gamma / torch.sqrt(rv + eps)
-        na, nb = -a, a * (rm - pivot) - beta
+        assert bn.rm is not None and bn.rv is not None
+        na, nb = bn.neg_e(bn.rm - pivot, bn.rv)
     out = kernels.call(lay, "full", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
     if out is None:
         return None
@@ -459,7 +474,8 @@ def fused_check(
     # the running statistics, on the host where they normalized the output; torch's square root
     running = None if batch or rm is None or rv is None else (rm, torch.sqrt(rv + eps))
     with torch.no_grad(), np.errstate(all="ignore"):  # NaN and Inf follow BN's conventions
-        part = fused_pass(xv, yv, gamma, beta, rm, rv, batch, eps, target)
+        bn = BnArgs(gamma, beta, rm, rv, batch, eps)
+        part = fused_pass(xv, yv, bn, target)
         m = int(xv.shape[0] * xv.shape[2])
         host = Host.of(part, gamma, beta, running, m)
         redo = host.poor.nonzero()[0].tolist() if host.poor.any() else []
@@ -471,29 +487,23 @@ def fused_check(
                 # kernel (same shapes: no new compile, same layout)
                 poor = torch.from_numpy(host.poor).to(x.device)
                 pivots = torch.where(poor, better, part.pivot)
-                args = (xv, yv, gamma, beta, rm, rv, batch, eps, target)
-                again = _compiled_pass(*args, pivots) if part.compiled else None
+                again = _compiled_pass(xv, yv, bn, target, pivots) if part.compiled else None
                 # the eager pass where the kernel was not used or has failed since
-                part = again or fused_pass(*args, pivot=pivots, use_kernel=False)
+                part = again or fused_pass(xv, yv, bn, target, pivot=pivots, use_kernel=False)
                 spans = []
             for c0, c1 in spans:
                 cs = slice(c0, c1)
                 sub = fused_pass(
                     xv[:, cs],
                     yv[:, cs],
-                    gamma[cs],
-                    beta[cs],
-                    None if rm is None else rm[cs],
-                    None if rv is None else rv[cs],
-                    batch,
-                    eps,
+                    bn.channels(cs),
                     target,
                     pivot=better[cs],
                     use_kernel=False,
                 )
                 part.splice(cs, sub)
             host = Host.of(part, gamma, beta, running, m)
-        return verdict(x, y, xv, yv, part, host, gamma, beta, rm, rv, batch, eps, tol)
+        return verdict(x, y, xv, yv, part, host, bn, tol)
 
 
 def runs(idx: list[int]) -> list[tuple[int, int]]:

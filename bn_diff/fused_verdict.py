@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .compare import Comparison, allowance, compare, resolve, rounding_allowance
-from .fused import PIVOT_RATIO, Partials, runs
+from .fused import PIVOT_RATIO, BnArgs, Partials, runs
 from .recompute import F64, Moments, channel_moments
 from .results import Tolerance
 
@@ -147,15 +147,10 @@ def verdict(
     yv: torch.Tensor,
     part: Partials,
     host: Host,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    rm: torch.Tensor | None,
-    rv: torch.Tensor | None,
-    batch: bool,
-    eps: float,
+    bn: BnArgs,
     tol: Tolerance,
 ) -> FusedResult:
-    """`host`: `Host.of(part, ...)`, with the running statistics unless `batch`. NumPy's
+    """`host`: `Host.of(part, ...)`, with the running statistics unless `bn.batch`. NumPy's
     floating-point warnings: the caller's (np.errstate)."""
     n, c, length = (int(s) for s in xv.shape)
     dev = x.device
@@ -166,11 +161,11 @@ def verdict(
     var_u: torch.Tensor | None
     hmean: Vec | None
     sd: Vec | None
-    if batch:
+    if bn.batch:
         mean_u, var_u, hmean = mom.mean, mom.var, mean
-        sd = torch.sqrt(var_u + eps).cpu().numpy()  # torch's root, as `compare` takes it
+        sd = torch.sqrt(var_u + bn.eps).cpu().numpy()  # torch's root, as `compare` takes it
     else:
-        mean_u, var_u, hmean, sd = rm, rv, host.rm, host.sd
+        mean_u, var_u, hmean, sd = bn.rm, bn.rv, host.rm, host.sd
     assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
     r_slot = np.maximum(host.hi[0], -host.lo[0])
     r_ch = r_slot.max(0)
@@ -202,10 +197,7 @@ def verdict(
             mom,
             mean_u,
             var_u,
-            batch,
-            gamma,
-            beta,
-            eps,
+            bn,
             tol,
             atol,
             rtol,
@@ -241,10 +233,7 @@ def _exact(
     mom: Moments,
     mean_u: torch.Tensor,
     var_u: torch.Tensor,
-    batch: bool,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    eps: float,
+    bn: BnArgs,
     tol: Tolerance,
     atol: float,
     rtol: float,
@@ -259,15 +248,16 @@ def _exact(
     from the whole tensor, so that every element is classified bit for bit as the reference
     classifies it. With running statistics they are only reported, from the runs alone.
     """
+    gamma, beta, eps = bn.gamma, bn.beta, bn.eps
     mean, var, lo, hi = (t.clone() for t in (mom.mean, mom.var, mom.min, mom.max))
-    whole = channel_moments(x) if batch else None
+    whole = channel_moments(x) if bn.batch else None
     for c0, c1 in runs:
         ref = whole if whole is not None else channel_moments(x[:, c0:c1])
         s = slice(c0, c1) if whole is not None else slice(None)
         mean[c0:c1], var[c0:c1] = ref.mean[s], ref.var[s]
         lo[c0:c1], hi[c0:c1] = ref.min[s], ref.max[s]
     mom = Moments(mean=mean, var=var, min=lo, max=hi, count=mom.count)
-    if batch:
+    if bn.batch:
         mean_u, var_u = mean, var
     allow = rounding_allowance(tol, y.dtype, mom, mean_u, var_u, gamma, beta, eps)
     for c0, c1 in runs:
