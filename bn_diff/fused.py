@@ -347,30 +347,34 @@ def _compiled_pass(
     xv: torch.Tensor, yv: torch.Tensor, bn: BnArgs, target: int, pivot: torch.Tensor
 ) -> Partials | None:
     """`fused_pass` by the compiled kernels (bn_diff/kernels.py), in their "rows" (planes of at
-    least kernels.MIN_PLANE values) or "fold" layout: one read of x and y in eval mode, a
-    statistics read of x first in train mode. None when they fail."""
+    least kernels.MIN_PLANE values) or "fold" layout: one read of x and y in eval mode, and in
+    train mode in "fold" (each channel's statistics, then its residuals while it is in the
+    cache); in train mode in "rows", a statistics read of x first. None when they fail."""
     p = pivot.view(-1, 1)
     lay = kernels.layout(int(xv.shape[2]))
-    sums: tuple[torch.Tensor, ...] | None = None
-    if bn.batch:
+    if bn.batch and lay == "fold":  # statistics and residuals in one call
+        g, b = bn.gamma.view(-1, 1), bn.beta.view(-1, 1)
+        eps = torch.full((1, 1), bn.eps, dtype=F64, device=xv.device)
+        out = kernels.call(lay, "train", xv, yv, p, g, b, eps)
+    elif bn.batch:  # "rows": the statistics, then the residuals with their coefficients
         sums = kernels.call(lay, "sums", xv, p)
         if sums is None:
             return None
-        s1, s2 = (sums[0].sum(0), sums[1].sum(0)) if lay == "rows" else (sums[0], sums[1])
         m = int(xv.shape[0] * xv.shape[2])
+        s1, s2 = sums[0].sum(0), sums[1].sum(0)
         mean_p = s1 / m
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
         na, nb = bn.neg_e(mean_p, var)
+        res = kernels.call(lay, "resid", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
+        out = None if res is None else (sums[0], sums[1], *res, sums[2], sums[3])
     else:
         assert bn.rm is not None and bn.rv is not None
         na, nb = bn.neg_e(bn.rm - pivot, bn.rv)
-    out = kernels.call(lay, "full", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
+        out = kernels.call(lay, "full", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
     if out is None:
         return None
     kernels.count_layer()
     s1r, s2r, h0, l0, h1, l1, xmax, xmin = out
-    if sums is not None:  # the statistics the coefficients came from
-        s1r, s2r, xmax, xmin = sums
     if lay == "fold":  # one slot per channel, whose extremes of x are the channel's
         return Partials(
             layout=lay,

@@ -381,14 +381,15 @@ def test_the_eager_policy_never_imports_dynamo() -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def poorly_pivoted_case(train: bool) -> dict[str, object]:
+def poorly_pivoted_case(train: bool, side: int = 16) -> dict[str, object]:
     """Values at the positions fused._pivot samples sit far from the rest (0 among 1000 ± 0.1):
-    every channel is summed a second time, around its mean."""
-    case = make_case((8, 2, 16, 16), torch.float32, train, 5, 1000.0, 0.1)
+    every channel is summed a second time, around its mean. Planes of side² values: 16 gives
+    the kernels' "fold" layout, 64 "rows"."""
+    case = make_case((8, 2, side, side), torch.float32, train, 5, 1000.0, 0.1)
     x = case["x"]
     assert isinstance(x, torch.Tensor)
     x = x.clone()
-    x.view(8, 2, 256)[::2, :, ::32] = 0.0
+    x.view(8, 2, side * side)[::2, :, :: side * side // 8] = 0.0
     f32 = torch.float32
     rm, rv, g, b = (case[k] for k in ("rm", "rv", "gamma", "beta"))
     assert isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor)
@@ -416,29 +417,36 @@ def test_a_redo_pass_keeps_the_layout_of_the_first(
         kernels.reset()
 
 
+@pytest.mark.parametrize("side", [16, 64])
 @pytest.mark.parametrize("train", [False, True])
-def test_a_compiled_layer_is_redone_whole_by_the_kernel(compiled: None, train: bool) -> None:
-    fast = assert_same(poorly_pivoted_case(train), make_tolerance(None, None))
+def test_a_compiled_layer_is_redone_whole_by_the_kernel(
+    compiled: None, train: bool, side: int
+) -> None:
+    fast = assert_same(poorly_pivoted_case(train, side), make_tolerance(None, None))
     assert used() == 2 and fast.exact_channels == 0  # both passes compiled, same shapes
 
 
+@pytest.mark.parametrize("side", [16, 64])
 @pytest.mark.parametrize("train", [False, True])
 def test_a_kernel_failing_at_the_redo_hands_the_whole_layer_to_the_eager_pass(
-    compiled: None, train: bool, monkeypatch: pytest.MonkeyPatch
+    compiled: None, train: bool, side: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = kernels.call
     calls: list[str] = []
+    # kernel calls per pass: train mode in "rows" sums x first, then takes the residuals
+    per_pass = 2 if train and side * side >= kernels.MIN_PLANE else 1
 
     def flaky(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         calls.append(name)
-        if len(calls) > (2 if train else 1):  # the redo's first call fails
+        if len(calls) > per_pass:  # the redo's first call fails
             kernels._state.failure = "RuntimeError: gone"
             return None
         return real(lay, name, *args)
 
     monkeypatch.setattr(kernels, "call", flaky)
-    fast = assert_same(poorly_pivoted_case(train), make_tolerance(None, None))
+    fast = assert_same(poorly_pivoted_case(train, side), make_tolerance(None, None))
     assert used() == 1 and fast.exact_channels == 0
+    assert calls[0] == ("full" if not train else "sums" if per_pass == 2 else "train")
 
 
 def test_an_invalid_environment_policy_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
