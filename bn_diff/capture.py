@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .guard import ParamGuard, is_compiled
+from .guard import BufferSnapshot, ParamGuard, is_compiled
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -177,7 +177,7 @@ class Capture:
         self._conv_out: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
         self._pending: dict[int, list[tuple[torch.Tensor | None, torch.Tensor | None, int | None]]]
         self._pending = {}
-        self._buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        self._buffers: BufferSnapshot | None = None
         self._flags: list[tuple[nn.Module, bool]] = []
         self._mode_ctx: _FunctionalBN | None = None
         self._guard: ParamGuard | None = None
@@ -210,12 +210,8 @@ class Capture:
         self._restore()
 
     def _snapshot(self) -> None:
-        with torch.no_grad():
-            for m in self.model.modules():
-                self._flags.append((m, m.training))
-                for bname, buf in m._buffers.items():
-                    if buf is not None:
-                        self._buffers.append((m, bname, buf, buf.detach().clone()))
+        self._flags = [(m, m.training) for m in self.model.modules()]
+        self._buffers = BufferSnapshot(self.model)
         self._guard = ParamGuard(self.model)
         self.compiled = [n or "(model)" for n, m in named_modules(self.model) if is_compiled(m)]
 
@@ -232,14 +228,11 @@ class Capture:
         if self._guard is not None:
             self.unrestored = self._guard.restore()
             self._guard = None
-        with torch.no_grad():
-            for m, bname, orig, saved in self._buffers:
-                m._buffers[bname] = orig
-                if not torch.equal(orig, saved) or orig.dtype != saved.dtype:
-                    orig.copy_(saved)
+        if self._buffers is not None:
+            self._buffers.restore()
+            self._buffers = None
         for m, flag in self._flags:
             m.training = flag
-        self._buffers.clear()
         self._flags.clear()
         self._conv_out.clear()
 

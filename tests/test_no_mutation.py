@@ -85,3 +85,43 @@ def test_train_mode_forward_does_not_leave_updated_stats() -> None:
     assert ru is not None and ru.ok and ru.largest_mean_change > 0  # PyTorch did move them ...
     assert torch.equal(net.bn.running_mean, rm)  # ... and bn-diff put them back
     assert int(net.bn.num_batches_tracked) == 0
+
+
+class _Odd(nn.Module):
+    """Buffers of several dtypes, one a non-contiguous view, one sparse, two written in place by
+    the forward even in eval mode, one NaN. (A sparse buffer made the restore raise before.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.register_buffer("f16", torch.tensor([1.5, -2.0], dtype=torch.float16))
+        self.register_buffer("strided", torch.arange(12.0).view(3, 4).t())
+        self.register_buffer("sparse", torch.eye(3).to_sparse())
+        self.register_buffer("nan", torch.tensor([float("nan"), 1.0]))
+        self.register_buffer("count", torch.tensor(7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        self.strided.mul_(2.0)
+        return self.bn(x)
+
+
+@pytest.mark.parametrize("mode", ["as-is", "train", "eval"])
+def test_every_kind_of_buffer_comes_back_and_unchanged_ones_are_not_written(mode: str) -> None:
+    net = _Odd().eval()
+    before = {k: (v, v.detach().clone(), v._version) for k, v in net.named_buffers()}
+    bn_diff.run(net, torch.randn(5, 3), mode=mode)
+    for k, (obj, value, version) in before.items():
+        now = dict(net.named_buffers())[k]
+        assert now is obj, k  # the same tensor object, as the model's other references see it
+        assert now.dtype == value.dtype and now.shape == value.shape, k
+        if now.is_sparse:
+            assert torch.equal(now.to_dense(), value.to_dense())
+        else:
+            assert torch.equal(now.nan_to_num(), value.nan_to_num()), k
+            assert now.stride() == value.stride(), k
+        # what the forward wrote, NaN (never equal to itself) and sparse (no equality kernel) are
+        # written back; read-only buffers keep their version counter: nothing wrote them
+        written = k in ("count", "strided", "nan", "sparse")
+        if not written and not (mode == "train" and k.startswith("bn.")):
+            assert now._version == version, k
