@@ -4,9 +4,9 @@ Most layers are healthy, and the health stage runs inside every BN hook, so its 
 layer is what matters (issue 7: bn-diff run within 1.3x of a plain forward). The checks that look
 at the layer's per-channel vectors (nonfinite_stats, nonpositive_running_var, tiny_running_var,
 untrained_running_stats, stats_shift, fp16_overflow_risk, dead_channel) each cost several small
-tensor ops and transfers to Python. `suspicious` asks all of them at once, in about fifteen torch
-calls over the (C,) vectors and three transfers of a few numbers; only when it says yes do the
-checks run, and they decide exactly as before.
+tensor ops and transfers to Python. `suspicious` asks all of them at once, in a dozen NumPy calls
+over the (C,) vectors brought to the host once; only when it says yes do the checks run, and they
+decide exactly as before.
 
 It never misses a finding: its condition for each check is a superset of that check's (the
 reasoning is beside each), so when it says no, none of those checks would have added anything.
@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 
+import numpy as np
 import torch
 
 from .capture import BnCall
@@ -90,11 +91,11 @@ def suspicious(
 
     `z_thr`, `std_ratio`, `dead_gamma`: the checks' thresholds (stats_shift's z for the call's
     batch, its std ratio, dead_channel's |γ|). Each torch call costs several microseconds inside
-    a hook (the model's work has just evicted the caches), so this makes few (about 15): the
-    call's vectors and |γ| stacked into one matrix (same dtype, no promotion), each row's min and
-    max, then the two shift ratios of every channel and their maxima; three `.tolist()` bring
-    the numbers to Python, where the decisions are made. Vectors on a GPU come to the CPU first,
-    in one transfer: a kernel launch per small op would cost more than the op.
+    a hook (the model's work has just evicted the caches), so the call's vectors come to the host
+    once, as one float64 NumPy matrix (CPU tensors are read in place; a GPU's in one stack and
+    one transfer: a kernel launch per small op would cost more than the op), and the rest is
+    NumPy on (C,) vectors: each row's min and max, then the two shift ratios of every channel
+    and their maxima. Widening to float64 is exact, so mins and maxes are the vectors' own.
     """
     rm, rv, gamma = call.running_mean_before, call.running_var_before, call.weight
     vecs = [rm, rv, gamma, call.bias]
@@ -108,52 +109,78 @@ def suspicious(
     if c == 0 or any(t.shape != shape for t in rows):
         return True  # degenerate or unusual shapes: let the checks decide
     n = len(rows)
-    if rows[0].device.type != "cpu":  # on a GPU: one transfer, then small CPU ops, no launches
-        try:
-            rows = list(torch.stack(rows).cpu().unbind())
-        except RuntimeError:  # tensors on different devices
-            return True
-        it = iter(rows)
-        rm, rv, gamma = (None if t is None else next(it) for t in (rm, rv, gamma))
-    if gamma is not None:
-        rows.append(gamma.abs())
-    try:
-        mat = torch.stack(rows)  # a wider common dtype if they differ: exact
-    except RuntimeError:  # tensors on different devices
+    mat = _host_matrix(rows, gamma is not None)
+    if mat is None:  # tensors on different devices, or of a kind NumPy cannot take
         return True
-    # min and max of each row; NaN propagates into both
-    mins, maxs = mat.amin(dim=1).tolist(), mat.amax(dim=1).tolist()
-    # nonfinite_stats: a NaN/Inf in a vector is a NaN/Inf in its min or max
-    if not all(map(math.isfinite, mins[:n] + maxs[:n])):
-        return True
-    eps = call.eps
     i_rv = None if rv is None else int(rm is not None)
-    if i_rv is not None:
-        # nonpositive_running_var (rv ≤ 0) and tiny_running_var (0 < rv ≤ eps) imply
-        # rv ≤ max(eps, 0); fp16_overflow_risk: rv > 65504
-        if mins[i_rv] <= max(eps, 0.0) or maxs[i_rv] > FP16_MAX:
+    with np.errstate(all="ignore"):
+        if gamma is not None:  # |γ| in the spare last row; γ's row follows rm's and rv's
+            np.abs(mat[int(rm is not None) + int(rv is not None)], out=mat[n])
+        # min and max of each row; NaN propagates into both
+        mins, maxs = mat.min(axis=1).tolist(), mat.max(axis=1).tolist()
+        # nonfinite_stats: a NaN/Inf in a vector is a NaN/Inf in its min or max
+        if not all(map(math.isfinite, mins[:n] + maxs[:n])):
             return True
-    if gamma is not None:
-        # dead_channel: min|γ| ≤ dead_gamma·max(1, max|γ|), the check's own numbers
-        if mins[n] <= dead_gamma * max(1.0, maxs[n]):
+        eps = call.eps
+        if i_rv is not None:
+            # nonpositive_running_var (rv ≤ 0) and tiny_running_var (0 < rv ≤ eps) imply
+            # rv ≤ max(eps, 0); fp16_overflow_risk: rv > 65504
+            if mins[i_rv] <= max(eps, 0.0) or maxs[i_rv] > FP16_MAX:
+                return True
+        if gamma is not None:
+            # dead_channel: min|γ| ≤ dead_gamma·max(1, max|γ|), the check's own numbers
+            if mins[n] <= dead_gamma * max(1.0, maxs[n]):
+                return True
+        if rm is None or rv is None or i_rv is None:
+            return False
+        if result.info.num_batches_tracked in (None, 0):
+            # untrained_running_stats: rm ≡ 0 and rv ≡ 1, i.e. min = max = 0 and min = max = 1
+            if mins[0] == 0 == maxs[0] and mins[i_rv] == 1 == maxs[i_rv]:
+                return True
+        if not mins[i_rv] + eps >= TINY:
+            return True  # see _shift_flagged
+        moments = _host_moments(result)
+        if moments is None:
             return True
-    if rm is None or rv is None or i_rv is None:
-        return False
-    if result.info.num_batches_tracked in (None, 0):
-        # untrained_running_stats: rm ≡ 0 and rv ≡ 1, i.e. min = max = 0 and min = max = 1
-        if mins[0] == 0 == maxs[0] and mins[i_rv] == 1 == maxs[i_rv]:
-            return True
-    if not mins[i_rv] + eps >= TINY:
-        return True  # see _shift_flagged
+        bm, bv = moments
+        den = mat[i_rv] + eps  # float64: closer still to the check's numbers than float32's
+        z2 = float(np.max(np.square(bm - mat[0]) / den))
+        r2 = float(np.max((bv + eps) / den))
+    return _shift_flagged(z2, r2, z_thr(call), std_ratio, result)
+
+
+_NUMPY_OK = (torch.float64, torch.float32, torch.float16)
+
+
+def _host_matrix(rows: list[torch.Tensor], with_abs: bool) -> np.ndarray | None:  # type: ignore[type-arg]
+    """(len(rows) + with_abs, C) float64 NumPy: the rows, and a spare last row when `with_abs`;
+    None when the tensors are on different devices."""
+    devices = {t.device for t in rows}
+    if len(devices) != 1:
+        return None
+    c = int(rows[0].shape[0])
+    mat = np.empty((len(rows) + with_abs, c), dtype=np.float64)
+    if next(iter(devices)).type == "cpu":
+        for i, t in enumerate(rows):
+            t = t.detach()
+            if t.dtype not in _NUMPY_OK:  # bfloat16, integers: widened by torch (exact)
+                t = t.to(F64)
+            mat[i] = t.numpy()
+        return mat
+    try:
+        mat[: len(rows)] = torch.stack([t.detach() for t in rows]).to("cpu", F64).numpy()
+    except RuntimeError:
+        return None
+    return mat
+
+
+def _host_moments(result: LayerResult) -> tuple[np.ndarray, np.ndarray] | None:  # type: ignore[type-arg]
+    """The batch mean and variance of every channel as float64 NumPy arrays (host copies)."""
     try:
         bm, bv = batch_moments(result)
-        num = torch.stack(((bm - rm).square_(), bv + eps))
-        # rv + ε in float32 is within a relative 2⁻²⁴ of float64's (≪ MARGIN); narrower: float64
-        den = rv + eps if rv.dtype in (torch.float32, F64) else rv.to(F64) + eps
-        z2, r2 = num.div_(den).amax(dim=1).tolist()
-    except RuntimeError:  # tensors on different devices
-        return True
-    return _shift_flagged(z2, r2, z_thr(call), std_ratio, result)
+    except RuntimeError:
+        return None
+    return bm.numpy(), bv.numpy()
 
 
 def _shift_flagged(
