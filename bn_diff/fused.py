@@ -374,17 +374,17 @@ def _compiled_pass(
     if out is None:
         return None
     kernels.count_layer()
-    s1r, s2r, h0, l0, h1, l1, xmax, xmin = out
+    s1r, s2r, hi, lo, xmax, xmin = out
     if lay == "fold":  # one slot per channel, whose extremes of x are the channel's
         return Partials(
             layout=lay,
             pivot=pivot,
             s1=s1r.unsqueeze(0),
             s2=s2r.unsqueeze(0),
-            hi=torch.stack((h0, h1)).unsqueeze(1),
-            lo=torch.stack((l0, l1)).unsqueeze(1),
-            xmin=xmin.to(F64),
-            xmax=xmax.to(F64),
+            hi=hi.unsqueeze(1),
+            lo=lo.unsqueeze(1),
+            xmin=xmin,
+            xmax=xmax,
             target=target,
             compiled=True,
         )
@@ -393,10 +393,10 @@ def _compiled_pass(
         pivot=pivot,
         s1=s1r,
         s2=s2r,
-        hi=torch.stack((h0, h1)),
-        lo=torch.stack((l0, l1)),
-        xmin=xmin.amin(0).to(F64),
-        xmax=xmax.amax(0).to(F64),
+        hi=hi,
+        lo=lo,
+        xmin=xmin.amin(0),
+        xmax=xmax.amax(0),
         target=target,
         compiled=True,
     )
