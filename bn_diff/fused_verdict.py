@@ -40,6 +40,8 @@ BATCH_ELEMS = 1 << 18
 """At most this many elements are gathered at once to search regions (memory stays bounded)."""
 
 _EPS64 = float(torch.finfo(F64).eps)
+_BIG = float(torch.finfo(F64).max)
+_INF = float("inf")
 Candidates = list[tuple[float, tuple[int, ...]]]
 Vec = np.ndarray[tuple[int, ...], np.dtype[np.float64]]
 Mask = np.ndarray[tuple[int, ...], np.dtype[np.bool_]]
@@ -300,28 +302,36 @@ def _locate(
     regions that can hold them: for |Δ|, those within the channel margin of the greatest; for the
     relative one, those within 1e-9 of the greatest, or where a 0/0 hides the value. Regions of
     both kinds are gathered and searched once."""
-    score = np.where(clean, r_slot, -1.0)
+    every = bool(clean.all())
+    score = r_slot if every else np.where(clean, r_slot, -1.0)
     q = np.maximum(host.hi[1], -host.lo[1])
     # a region whose residuals are all 0 has relative differences 0, even where 0/0 occurred
-    q = np.where(r_slot == 0, 0.0, q)
-    unknown = np.isnan(q) & clean
-    known = np.where(clean, np.nan_to_num(q, nan=-1.0), -1.0)  # ±inf: ±the largest float
+    q[r_slot == 0] = 0.0
+    nan = np.isnan(q)
+    unknown = nan if every else nan & clean
+    known = np.where(nan if every else nan | ~clean, -1.0, q)
+    rtop = float(known.max())
+    if rtop == _INF:  # as np.nan_to_num has it: +inf counts as the largest float
+        known[known == _INF] = _BIG
+        rtop = _BIG
+    # (-inf, from an empty region, needs no such care: it is never within 1e-9 of a top > 0)
     # the widest margin of the clean channels: another channel's (Inf or NaN where its values
     # are) would make every slot, or none, a tie
-    widest = float(np.where(clean, margin, 0.0).max())
-    top, rtop, n_unknown = float(score.max()), float(known.max()), int(unknown.sum())
+    widest = float((margin if every else np.where(clean, margin, 0.0)).max())
+    top, n_unknown = float(score.max()), int(np.count_nonzero(unknown))
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     zero = (0,) * len(ctx.shape)
     abs_slots: list[tuple[int, int]] = []
     if top > 0:
-        tie = top if top == float("inf") else top - widest
-        abs_slots = _first(np.argwhere((score >= tie) & clean).tolist(), part, n, length)
+        tie = top if top == _INF else top - widest
+        hit = score >= tie
+        abs_slots = _first(hit if every else hit & clean, part, n, length)
     elif top == 0:
         best_abs.append((0.0, zero))
     rel_slots: list[tuple[int, int]] = []
     if rtop > 0 or n_unknown:
-        tie = rtop if rtop == float("inf") else rtop - rtop * 1e-9
-        hits = np.argwhere(unknown | (known >= tie)).tolist()
+        tie = rtop if rtop == _INF else rtop - rtop * 1e-9
+        hits = unknown | (known >= tie)
         rel_slots = _first(hits, part, n, length, max(MAX_TIES, n_unknown))
     elif rtop == 0:
         best_rel.append((0.0, zero))
@@ -339,16 +349,23 @@ def _locate(
 
 
 def _first(
-    cand: list[list[int]], part: Partials, n: int, length: int, limit: int = MAX_TIES
+    hit: Mask, part: Partials, n: int, length: int, limit: int = MAX_TIES
 ) -> list[tuple[int, int]]:
-    """At most `limit` (slot, channel) pairs, first in (sample, channel, position) order: the
-    reference breaks ties by the first index."""
+    """At most `limit` of the (slot, channel) pairs where `hit` (slots, C) holds, first in
+    (sample, channel, position) order: the reference breaks ties by the first index.
 
-    def key(sc: list[int]) -> tuple[int, int, int]:
-        ns, ls = part.slot_region(sc[0], n, length)
-        return (int(ns.start), sc[1], int(ls.start))
+    (slot, channel) order is that order unless a "split" slot is a segment of a plane (slot k is
+    then segment k % segs of sample k // segs: several slots per sample)."""
+    slots, chans = np.nonzero(hit)
+    cand = list(zip(slots.tolist(), chans.tolist(), strict=True))
+    if part.layout == "split" and len(cand) > 1:
 
-    return [(s, ch) for s, ch in sorted(cand, key=key)[:limit]]
+        def key(sc: tuple[int, int]) -> tuple[int, int, int]:
+            ns, ls = part.slot_region(sc[0], n, length)
+            return (int(ns.start), sc[1], int(ls.start))
+
+        cand.sort(key=key)
+    return cand[:limit]
 
 
 Found = tuple[float, tuple[int, ...]]
@@ -361,28 +378,25 @@ def _eval_slots(
     where they are.
 
     Regions of one size ("rows": one sample's plane; "fold": all samples) are gathered and
-    searched together, a bounded number of elements at a time; "split" ones one by one."""
+    searched together, a bounded number of elements at a time; "split" ones one by one. The
+    search runs on the host in NumPy float64 (`_diff`): a region is a few thousand values, where
+    a torch call costs more in dispatch than in work."""
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     if part.layout == "split":
         groups = [[slot] for slot in slots]
     else:
         step = max(1, BATCH_ELEMS // (length if part.layout == "rows" else n * length))
         groups = [slots[k : k + step] for k in range(0, len(slots), step)]
+    xs, ys = _source(ctx.xv), _source(ctx.yv)
     out = []
     for group in groups:
         regions = [part.slot_region(slot, n, length) for slot, _ in group]
-        xr, yr = (
-            torch.stack([t[ns, ch, ls] for (ns, ls), (_, ch) in zip(regions, group, strict=True)])
-            for t in (ctx.xv, ctx.yv)
-        )
         chl = [ch for _, ch in group]
-        cols = _dev(np.stack([v[chl] for v in ctx.host])[:, :, None], ctx.xv.device)
-        dr = _diff(xr.flatten(1), yr.flatten(1), *cols)
-        best = dr.max(dim=2)  # first index of the greatest, as `compare`'s argmax
-        values, where = best.values.tolist(), best.indices.tolist()
-        for j, ((ns, ls), (_, ch)) in enumerate(zip(regions, group, strict=True)):
+        cols = [v[chl][:, None] for v in ctx.host]
+        d, rel = _diff(_gather(xs, regions, chl), _gather(ys, regions, chl), *cols)
+        for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
             pair = []
-            for value, w in ((values[0][j], where[0][j]), (values[1][j], where[1][j])):
+            for value, w in (_top(d[j], False), _top(rel[j], True)):
                 i, k = divmod(w, int(ls.stop - ls.start))
                 pos = _unflat(int(ls.start) + k, ctx.shape[2:])
                 pair.append((value, (int(ns.start) + i, ch, *pos)))
@@ -390,29 +404,72 @@ def _eval_slots(
     return out
 
 
-def _diff(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    mean: torch.Tensor,
-    sd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-) -> torch.Tensor:
-    """(2, K, M) float64: |y - e| and |y - e|/|e| of (K, M) rows of x and y (in their own dtype,
-    converted exactly by type promotion), each with its channel's (K, 1) float64 parameters
-    (sd = sqrt(var + eps)), with `compare`'s arithmetic (same operations in the same order) and
-    conventions.
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+"""Dtypes whose CPU tensors NumPy reads in place (bfloat16 has no NumPy dtype)."""
+
+
+def _source(t: torch.Tensor) -> torch.Tensor | np.ndarray:  # type: ignore[type-arg]
+    """Where regions of t are gathered from: a NumPy view of a CPU tensor of a dtype NumPy has
+    (no copy, any strides), else the tensor itself (on CUDA, or bfloat16)."""
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+        return t.numpy()
+    return t
+
+
+def _gather(
+    src: torch.Tensor | np.ndarray,  # type: ignore[type-arg]
+    regions: list[tuple[slice, slice]],
+    chl: list[int],
+) -> Vec:
+    """(K, M) float64 host array: the K regions (samples, channel, plane segment) of `src`, each
+    flattened in (sample, position) order; values converted exactly to float64. From a tensor,
+    one gather and one transfer to the host."""
+    if isinstance(src, torch.Tensor):
+        parts = [src[ns, ch, ls] for (ns, ls), ch in zip(regions, chl, strict=True)]
+        host: Vec = torch.stack(parts).to("cpu", F64).numpy()
+        return host.reshape(len(chl), -1)
+    (ns, ls), ch = regions[0], chl[0]
+    out: Vec = np.empty((len(chl), ns.stop - ns.start, ls.stop - ls.start))
+    for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
+        out[j] = src[ns, ch, ls]
+    return out.reshape(len(chl), -1)
+
+
+def _diff(x: Vec, y: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec) -> tuple[Vec, Vec]:
+    """|y - e| and |y - e|/|e| of (K, M) rows of x and y (float64, converted exactly), each with
+    its channel's (K, 1) float64 parameters (sd = sqrt(var + eps)), with `compare`'s arithmetic
+    (the same IEEE float64 operations in the same order: the same bits) and conventions, but for
+    the relative one's NaN and Inf: `_top` replaces them where it looks for the greatest.
 
     y is finite, as in every region searched here: a clean channel's residuals are all finite
     (y = ±Inf or NaN makes the pass's greatest residual Inf or NaN). `compare`'s "equal values
-    agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0."""
-    e = (x - mean) / sd
-    e = e * gamma + beta
-    out = torch.empty((2, *x.shape), dtype=F64, device=x.device)
-    d = torch.sub(y, e, out=out[0]).abs_().nan_to_num_(nan=float("inf"))
-    rel = torch.div(d, e.abs(), out=out[1])
-    rel.masked_fill_(d == 0, 0.0).nan_to_num_(nan=float("inf"))
-    return out
+    agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0.
+    NumPy's floating-point warnings: the caller's (np.errstate). x is overwritten."""
+    e = np.subtract(x, mean, out=x)
+    e /= sd
+    e *= gamma
+    e += beta
+    d = np.subtract(y, e, out=y)
+    np.abs(d, out=d)
+    if not np.isfinite(d.max()):  # NaN is inf, inf the largest float (torch.nan_to_num's)
+        np.nan_to_num(d, copy=False, nan=_INF)
+    rel = np.abs(e, out=e)
+    np.divide(d, rel, out=rel)
+    rel[d == 0] = 0.0
+    return d, rel
+
+
+def _top(v: Vec, fix: bool) -> tuple[float, int]:
+    """(greatest, first index of it) of a row, as `compare`'s argmax finds it; `fix`: of the row
+    after torch.nan_to_num(nan=inf) (NaN is inf, inf the largest float)."""
+    w = int(v.argmax())  # the first NaN if there is one, else the first of the greatest
+    value = float(v[w])
+    if not fix or (value == value and value != _INF):
+        return value, w
+    v = np.nan_to_num(v, nan=_INF)
+    w = int(v.argmax())
+    return float(v[w]), w
 
 
 def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
