@@ -20,7 +20,9 @@ back (statistics, allowance, comparison) is torch tensors on x's device, as befo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -116,7 +118,8 @@ class Host:
 
 def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
     """A host array as a tensor on `device` (on CPU the same memory: never write `a` after)."""
-    return torch.from_numpy(a).to(device)
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +157,11 @@ def verdict(
 ) -> FusedResult:
     """`host`: `Host.of(part, ...)`, with the running statistics unless `bn.batch`. NumPy's
     floating-point warnings: the caller's (np.errstate)."""
-    n, c, length = (int(s) for s in xv.shape)
+    n, c, length = xv.shape
     dev = x.device
     mean, var_b = host.pivot + host.mean_p, host.var
-    mv = _dev(np.stack([mean, var_b]), dev)
-    mom = Moments(mean=mv[0], var=mv[1], min=part.xmin, max=part.xmax, count=n * length)
+    mv, vv = _dev(mean, dev), _dev(var_b, dev)
+    mom = Moments(mean=mv, var=vv, min=part.xmin, max=part.xmax, count=n * length)
     mean_u: torch.Tensor | None
     var_u: torch.Tensor | None
     hmean: Vec | None
@@ -166,6 +169,7 @@ def verdict(
     if bn.batch:
         mean_u, var_u, hmean = mom.mean, mom.var, mean
         sd = torch.sqrt(var_u + bn.eps).cpu().numpy()  # torch's root, as `compare` takes it
+        # (on x's device: a CPU root may differ from a GPU one in the last bit)
     else:
         mean_u, var_u, hmean, sd = bn.rm, bn.rv, host.rm, host.sd
     assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
@@ -186,11 +190,12 @@ def verdict(
     margin = MARGIN_ULPS * _EPS64 * (scale + np.abs(host.beta) + r_ch + atol + hallow)
     clean = ~flagged & np.isfinite(margin) & (r_ch + margin < atol + hallow)
     # + 0.0: no -0.0 (torch.maximum and np.maximum sign a zero differently; |Δ| is never -0.0)
-    ch_max = np.where(clean, r_ch, 0.0) + 0.0
+    every = bool(clean.all())
+    ch_max = (r_ch if every else np.where(clean, r_ch, 0.0)) + 0.0
     ch_cnt = np.zeros(c, dtype=np.int64)
     best_abs: Candidates = []
     best_rel: Candidates = []
-    exact: list[int] = [] if clean.all() else np.flatnonzero(~clean).tolist()
+    exact: list[int] = [] if every else np.flatnonzero(~clean).tolist()
     if exact:
         mom, mean_u, var_u, allow = _exact(
             x,
@@ -219,7 +224,7 @@ def verdict(
         channel_max_abs=_dev(ch_max, dev),
         channel_mismatched=_dev(ch_cnt, dev),
         numel=x.numel(),
-        mismatched=int(ch_cnt.sum()),
+        mismatched=int(ch_cnt.sum()) if exact else 0,
         max_abs_diff=abs_v,
         max_abs_index=abs_i,
         max_rel_diff=rel_v,
@@ -356,9 +361,11 @@ def _first(
 
     (slot, channel) order is that order unless a "split" slot is a segment of a plane (slot k is
     then segment k % segs of sample k // segs: several slots per sample)."""
-    slots, chans = np.nonzero(hit)
-    cand = list(zip(slots.tolist(), chans.tolist(), strict=True))
-    if part.layout == "split" and len(cand) > 1:
+    flat = np.flatnonzero(hit)  # (slot, channel) order
+    split = part.layout == "split"
+    c = int(hit.shape[1])
+    cand = [divmod(i, c) for i in (flat if split else flat[:limit]).tolist()]
+    if split and len(cand) > 1:
 
         def key(sc: tuple[int, int]) -> tuple[int, int, int]:
             ns, ls = part.slot_region(sc[0], n, length)
@@ -388,18 +395,21 @@ def _eval_slots(
         step = max(1, BATCH_ELEMS // (length if part.layout == "rows" else n * length))
         groups = [slots[k : k + step] for k in range(0, len(slots), step)]
     xs, ys = _source(ctx.xv), _source(ctx.yv)
+    spatial = ctx.shape[2:]
     out = []
     for group in groups:
         regions = [part.slot_region(slot, n, length) for slot, _ in group]
         chl = [ch for _, ch in group]
-        cols = [v[chl][:, None] for v in ctx.host]
-        d, rel = _diff(_gather(xs, regions, chl), _gather(ys, regions, chl), *cols)
+        ci = np.array(chl)
+        cols = [v[ci][:, None] for v in ctx.host]
+        x, y = _gather(xs, regions, chl), _gather(ys, regions, chl)
+        tops = _diff(x, y, *cols)
         for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
+            n0, l0, width = int(ns.start), int(ls.start), int(ls.stop - ls.start)
             pair = []
-            for value, w in (_top(d[j], False), _top(rel[j], True)):
-                i, k = divmod(w, int(ls.stop - ls.start))
-                pos = _unflat(int(ls.start) + k, ctx.shape[2:])
-                pair.append((value, (int(ns.start) + i, ch, *pos)))
+            for values, where in tops:
+                i, k = divmod(where[j], width)
+                pair.append((values[j], (n0 + i, ch, *_unflat(l0 + k, spatial))))
             out.append((pair[0], pair[1]))
     return out
 
@@ -411,7 +421,8 @@ _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 def _source(t: torch.Tensor) -> torch.Tensor | np.ndarray:  # type: ignore[type-arg]
     """Where regions of t are gathered from: a NumPy view of a CPU tensor of a dtype NumPy has
     (no copy, any strides), else the tensor itself (on CUDA, or bfloat16)."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
         return t.numpy()
     return t
@@ -436,40 +447,52 @@ def _gather(
     return out.reshape(len(chl), -1)
 
 
-def _diff(x: Vec, y: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec) -> tuple[Vec, Vec]:
-    """|y - e| and |y - e|/|e| of (K, M) rows of x and y (float64, converted exactly), each with
-    its channel's (K, 1) float64 parameters (sd = sqrt(var + eps)), with `compare`'s arithmetic
-    (the same IEEE float64 operations in the same order: the same bits) and conventions, but for
-    the relative one's NaN and Inf: `_top` replaces them where it looks for the greatest.
+def _diff(x: Vec, y: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec) -> tuple[Top, Top]:
+    """The greatest |y - e| and |y - e|/|e| of each of (K, M) rows of x and y (float64, converted
+    exactly), each with its channel's (K, 1) float64 parameters (sd = sqrt(var + eps)), and the
+    first index of it in the row, as `compare`'s argmax finds them: the same IEEE float64
+    operations in the same order (the same bits), and its conventions (NaN is Inf, Inf the
+    largest float).
 
     y is finite, as in every region searched here: a clean channel's residuals are all finite
     (y = ±Inf or NaN makes the pass's greatest residual Inf or NaN). `compare`'s "equal values
     agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0.
-    NumPy's floating-point warnings: the caller's (np.errstate). x is overwritten."""
+    NumPy's floating-point warnings: the caller's (np.errstate). x and y are overwritten."""
     e = np.subtract(x, mean, out=x)
     e /= sd
     e *= gamma
     e += beta
     d = np.subtract(y, e, out=y)
     np.abs(d, out=d)
-    if not np.isfinite(d.max()):  # NaN is inf, inf the largest float (torch.nan_to_num's)
-        np.nan_to_num(d, copy=False, nan=_INF)
+    top_d = _top(d)
+    if top_d is None:  # d as torch.nan_to_num(nan=inf) leaves it: the relative one is of that
+        top_d = _top(np.nan_to_num(d, copy=False, nan=_INF), fixed=True)
     rel = np.abs(e, out=e)
     np.divide(d, rel, out=rel)
     rel[d == 0] = 0.0
-    return d, rel
+    top_r = _top(rel)
+    if top_r is None:
+        top_r = _top(np.nan_to_num(rel, copy=False, nan=_INF), fixed=True)
+    return top_d, top_r
 
 
-def _top(v: Vec, fix: bool) -> tuple[float, int]:
-    """(greatest, first index of it) of a row, as `compare`'s argmax finds it; `fix`: of the row
-    after torch.nan_to_num(nan=inf) (NaN is inf, inf the largest float)."""
-    w = int(v.argmax())  # the first NaN if there is one, else the first of the greatest
-    value = float(v[w])
-    if not fix or (value == value and value != _INF):
-        return value, w
-    v = np.nan_to_num(v, nan=_INF)
-    w = int(v.argmax())
-    return float(v[w]), w
+Top = tuple[list[float], list[int]]
+
+
+@overload
+def _top(v: Vec) -> Top | None: ...
+@overload
+def _top(v: Vec, fixed: Literal[True]) -> Top: ...
+
+
+def _top(v: Vec, fixed: bool = False) -> Top | None:
+    """(greatest, first index of it) of each row of v; None where a row holds NaN or Inf unless
+    `fixed` (torch.nan_to_num is then to be applied first: its Inf, the largest float, may tie)."""
+    where = v.argmax(1)  # the first NaN of a row that has one, else the first of the greatest
+    values: list[float] = v.max(1).tolist()  # NaN where there is one
+    if not fixed and not all(map(math.isfinite, values)):
+        return None
+    return values, where.tolist()
 
 
 def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
