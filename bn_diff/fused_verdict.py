@@ -173,7 +173,9 @@ def verdict(
     else:
         mean_u, var_u, hmean, sd = bn.rm, bn.rv, host.rm, host.sd
     assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
-    r_slot = np.maximum(host.hi[0], -host.lo[0])
+    # (2, slots, C): the greatest |Δ| and relative |Δ| (NaN where 0/0 occurred) of each slot
+    greatest = np.maximum(host.hi, -host.lo)
+    r_slot = greatest[0]
     r_ch = r_slot.max(0)
     finite = np.isfinite(mean) & np.isfinite(var_b)
     finite &= np.isfinite(host.xmin) & np.isfinite(host.xmax)
@@ -216,7 +218,7 @@ def verdict(
     if len(exact) != c:  # only clean channels are located: `_exact` left their values as they were
         hosted = (hmean, sd, host.gamma, host.beta)
         ctx = _Ctx(xv, yv, tuple(x.shape), hosted)
-        _locate(ctx, part, host, r_slot, clean, margin, ch_max, best_abs, best_rel)
+        _locate(ctx, part, greatest, clean, margin, ch_max, best_abs, best_rel)
     zero = (0,) * x.dim()
     abs_v, abs_i = _pick(best_abs, zero)
     rel_v, rel_i = _pick(best_rel, zero)
@@ -295,8 +297,7 @@ def _shift(idx: tuple[int, ...], c0: int) -> tuple[int, ...]:
 def _locate(
     ctx: _Ctx,
     part: Partials,
-    host: Host,
-    r_slot: Vec,
+    greatest: Vec,
     clean: Mask,
     margin: Vec,
     ch_max: Vec,
@@ -308,8 +309,8 @@ def _locate(
     relative one, those within 1e-9 of the greatest, or where a 0/0 hides the value. Regions of
     both kinds are gathered and searched once."""
     every = bool(clean.all())
+    r_slot, q = greatest  # q: written here
     score = r_slot if every else np.where(clean, r_slot, -1.0)
-    q = np.maximum(host.hi[1], -host.lo[1])
     # a region whose residuals are all 0 has relative differences 0, even where 0/0 occurred
     q[r_slot == 0] = 0.0
     nan = np.isnan(q)
@@ -361,7 +362,7 @@ def _first(
 
     (slot, channel) order is that order unless a "split" slot is a segment of a plane (slot k is
     then segment k % segs of sample k // segs: several slots per sample)."""
-    flat = np.flatnonzero(hit)  # (slot, channel) order
+    flat = hit.ravel().nonzero()[0]  # (slot, channel) order
     split = part.layout == "split"
     c = int(hit.shape[1])
     cand = [divmod(i, c) for i in (flat if split else flat[:limit]).tolist()]
@@ -394,14 +395,14 @@ def _eval_slots(
     else:
         step = max(1, BATCH_ELEMS // (length if part.layout == "rows" else n * length))
         groups = [slots[k : k + step] for k in range(0, len(slots), step)]
-    xs, ys = _source(ctx.xv), _source(ctx.yv)
+    xs, ys = _source(ctx.xv, ctx.yv)
     spatial = ctx.shape[2:]
     out = []
     for group in groups:
         regions = [part.slot_region(slot, n, length) for slot, _ in group]
         chl = [ch for _, ch in group]
         ci = np.array(chl)
-        cols = [v[ci][:, None] for v in ctx.host]
+        cols = [v[ci, None] for v in ctx.host]
         x, y = _gather(xs, regions, chl), _gather(ys, regions, chl)
         tops = _diff(x, y, *cols)
         for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
@@ -418,14 +419,17 @@ _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 """Dtypes whose CPU tensors NumPy reads in place (bfloat16 has no NumPy dtype)."""
 
 
-def _source(t: torch.Tensor) -> torch.Tensor | np.ndarray:  # type: ignore[type-arg]
-    """Where regions of t are gathered from: a NumPy view of a CPU tensor of a dtype NumPy has
-    (no copy, any strides), else the tensor itself (on CUDA, or bfloat16)."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
-        return t.numpy()
-    return t
+def _source(
+    *ts: torch.Tensor,
+) -> list[torch.Tensor | np.ndarray]:  # type: ignore[type-arg]
+    """Where regions of each t are gathered from: a NumPy view of a CPU tensor of a dtype NumPy
+    has (no copy, any strides), else the tensor itself (on CUDA, or bfloat16)."""
+    out: list[torch.Tensor | np.ndarray] = []  # type: ignore[type-arg]
+    for t in ts:
+        if t.requires_grad:
+            t = t.detach()
+        out.append(t.numpy() if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES else t)
+    return out
 
 
 def _gather(
