@@ -20,7 +20,9 @@ back (statistics, allowance, comparison) is torch tensors on x's device, as befo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ BATCH_ELEMS = 1 << 18
 """At most this many elements are gathered at once to search regions (memory stays bounded)."""
 
 _EPS64 = float(torch.finfo(F64).eps)
+_BIG = float(torch.finfo(F64).max)
+_INF = float("inf")
 Candidates = list[tuple[float, tuple[int, ...]]]
 Vec = np.ndarray[tuple[int, ...], np.dtype[np.float64]]
 Mask = np.ndarray[tuple[int, ...], np.dtype[np.bool_]]
@@ -114,7 +118,8 @@ class Host:
 
 def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
     """A host array as a tensor on `device` (on CPU the same memory: never write `a` after)."""
-    return torch.from_numpy(a).to(device)
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +157,11 @@ def verdict(
 ) -> FusedResult:
     """`host`: `Host.of(part, ...)`, with the running statistics unless `bn.batch`. NumPy's
     floating-point warnings: the caller's (np.errstate)."""
-    n, c, length = (int(s) for s in xv.shape)
+    n, c, length = xv.shape
     dev = x.device
     mean, var_b = host.pivot + host.mean_p, host.var
-    mv = _dev(np.stack([mean, var_b]), dev)
-    mom = Moments(mean=mv[0], var=mv[1], min=part.xmin, max=part.xmax, count=n * length)
+    mv, vv = _dev(mean, dev), _dev(var_b, dev)
+    mom = Moments(mean=mv, var=vv, min=part.xmin, max=part.xmax, count=n * length)
     mean_u: torch.Tensor | None
     var_u: torch.Tensor | None
     hmean: Vec | None
@@ -164,10 +169,13 @@ def verdict(
     if bn.batch:
         mean_u, var_u, hmean = mom.mean, mom.var, mean
         sd = torch.sqrt(var_u + bn.eps).cpu().numpy()  # torch's root, as `compare` takes it
+        # (on x's device: a CPU root may differ from a GPU one in the last bit)
     else:
         mean_u, var_u, hmean, sd = bn.rm, bn.rv, host.rm, host.sd
     assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
-    r_slot = np.maximum(host.hi[0], -host.lo[0])
+    # (2, slots, C): the greatest |Δ| and relative |Δ| (NaN where 0/0 occurred) of each slot
+    greatest = np.maximum(host.hi, -host.lo)
+    r_slot = greatest[0]
     r_ch = r_slot.max(0)
     finite = np.isfinite(mean) & np.isfinite(var_b)
     finite &= np.isfinite(host.xmin) & np.isfinite(host.xmax)
@@ -184,11 +192,12 @@ def verdict(
     margin = MARGIN_ULPS * _EPS64 * (scale + np.abs(host.beta) + r_ch + atol + hallow)
     clean = ~flagged & np.isfinite(margin) & (r_ch + margin < atol + hallow)
     # + 0.0: no -0.0 (torch.maximum and np.maximum sign a zero differently; |Δ| is never -0.0)
-    ch_max = np.where(clean, r_ch, 0.0) + 0.0
+    every = bool(clean.all())
+    ch_max = (r_ch if every else np.where(clean, r_ch, 0.0)) + 0.0
     ch_cnt = np.zeros(c, dtype=np.int64)
     best_abs: Candidates = []
     best_rel: Candidates = []
-    exact: list[int] = [] if clean.all() else np.flatnonzero(~clean).tolist()
+    exact: list[int] = [] if every else np.flatnonzero(~clean).tolist()
     if exact:
         mom, mean_u, var_u, allow = _exact(
             x,
@@ -209,7 +218,7 @@ def verdict(
     if len(exact) != c:  # only clean channels are located: `_exact` left their values as they were
         hosted = (hmean, sd, host.gamma, host.beta)
         ctx = _Ctx(xv, yv, tuple(x.shape), hosted)
-        _locate(ctx, part, host, r_slot, clean, margin, ch_max, best_abs, best_rel)
+        _locate(ctx, part, greatest, clean, margin, ch_max, best_abs, best_rel)
     zero = (0,) * x.dim()
     abs_v, abs_i = _pick(best_abs, zero)
     rel_v, rel_i = _pick(best_rel, zero)
@@ -217,7 +226,7 @@ def verdict(
         channel_max_abs=_dev(ch_max, dev),
         channel_mismatched=_dev(ch_cnt, dev),
         numel=x.numel(),
-        mismatched=int(ch_cnt.sum()),
+        mismatched=int(ch_cnt.sum()) if exact else 0,
         max_abs_diff=abs_v,
         max_abs_index=abs_i,
         max_rel_diff=rel_v,
@@ -288,8 +297,7 @@ def _shift(idx: tuple[int, ...], c0: int) -> tuple[int, ...]:
 def _locate(
     ctx: _Ctx,
     part: Partials,
-    host: Host,
-    r_slot: Vec,
+    greatest: Vec,
     clean: Mask,
     margin: Vec,
     ch_max: Vec,
@@ -300,28 +308,36 @@ def _locate(
     regions that can hold them: for |Δ|, those within the channel margin of the greatest; for the
     relative one, those within 1e-9 of the greatest, or where a 0/0 hides the value. Regions of
     both kinds are gathered and searched once."""
-    score = np.where(clean, r_slot, -1.0)
-    q = np.maximum(host.hi[1], -host.lo[1])
+    every = bool(clean.all())
+    r_slot, q = greatest  # q: written here
+    score = r_slot if every else np.where(clean, r_slot, -1.0)
     # a region whose residuals are all 0 has relative differences 0, even where 0/0 occurred
-    q = np.where(r_slot == 0, 0.0, q)
-    unknown = np.isnan(q) & clean
-    known = np.where(clean, np.nan_to_num(q, nan=-1.0), -1.0)  # ±inf: ±the largest float
+    q[r_slot == 0] = 0.0
+    nan = np.isnan(q)
+    unknown = nan if every else nan & clean
+    known = np.where(nan if every else nan | ~clean, -1.0, q)
+    rtop = float(known.max())
+    if rtop == _INF:  # as np.nan_to_num has it: +inf counts as the largest float
+        known[known == _INF] = _BIG
+        rtop = _BIG
+    # (-inf, from an empty region, needs no such care: it is never within 1e-9 of a top > 0)
     # the widest margin of the clean channels: another channel's (Inf or NaN where its values
     # are) would make every slot, or none, a tie
-    widest = float(np.where(clean, margin, 0.0).max())
-    top, rtop, n_unknown = float(score.max()), float(known.max()), int(unknown.sum())
+    widest = float((margin if every else np.where(clean, margin, 0.0)).max())
+    top, n_unknown = float(score.max()), int(np.count_nonzero(unknown))
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     zero = (0,) * len(ctx.shape)
     abs_slots: list[tuple[int, int]] = []
     if top > 0:
-        tie = top if top == float("inf") else top - widest
-        abs_slots = _first(np.argwhere((score >= tie) & clean).tolist(), part, n, length)
+        tie = top if top == _INF else top - widest
+        hit = score >= tie
+        abs_slots = _first(hit if every else hit & clean, part, n, length)
     elif top == 0:
         best_abs.append((0.0, zero))
     rel_slots: list[tuple[int, int]] = []
     if rtop > 0 or n_unknown:
-        tie = rtop if rtop == float("inf") else rtop - rtop * 1e-9
-        hits = np.argwhere(unknown | (known >= tie)).tolist()
+        tie = rtop if rtop == _INF else rtop - rtop * 1e-9
+        hits = unknown | (known >= tie)
         rel_slots = _first(hits, part, n, length, max(MAX_TIES, n_unknown))
     elif rtop == 0:
         best_rel.append((0.0, zero))
@@ -339,16 +355,25 @@ def _locate(
 
 
 def _first(
-    cand: list[list[int]], part: Partials, n: int, length: int, limit: int = MAX_TIES
+    hit: Mask, part: Partials, n: int, length: int, limit: int = MAX_TIES
 ) -> list[tuple[int, int]]:
-    """At most `limit` (slot, channel) pairs, first in (sample, channel, position) order: the
-    reference breaks ties by the first index."""
+    """At most `limit` of the (slot, channel) pairs where `hit` (slots, C) holds, first in
+    (sample, channel, position) order: the reference breaks ties by the first index.
 
-    def key(sc: list[int]) -> tuple[int, int, int]:
-        ns, ls = part.slot_region(sc[0], n, length)
-        return (int(ns.start), sc[1], int(ls.start))
+    (slot, channel) order is that order unless a "split" slot is a segment of a plane (slot k is
+    then segment k % segs of sample k // segs: several slots per sample)."""
+    flat = hit.ravel().nonzero()[0]  # (slot, channel) order
+    split = part.layout == "split"
+    c = int(hit.shape[1])
+    cand = [divmod(i, c) for i in (flat if split else flat[:limit]).tolist()]
+    if split and len(cand) > 1:
 
-    return [(s, ch) for s, ch in sorted(cand, key=key)[:limit]]
+        def key(sc: tuple[int, int]) -> tuple[int, int, int]:
+            ns, ls = part.slot_region(sc[0], n, length)
+            return (int(ns.start), sc[1], int(ls.start))
+
+        cand.sort(key=key)
+    return cand[:limit]
 
 
 Found = tuple[float, tuple[int, ...]]
@@ -361,58 +386,117 @@ def _eval_slots(
     where they are.
 
     Regions of one size ("rows": one sample's plane; "fold": all samples) are gathered and
-    searched together, a bounded number of elements at a time; "split" ones one by one."""
+    searched together, a bounded number of elements at a time; "split" ones one by one. The
+    search runs on the host in NumPy float64 (`_diff`): a region is a few thousand values, where
+    a torch call costs more in dispatch than in work."""
     n, length = int(ctx.xv.shape[0]), int(ctx.xv.shape[2])
     if part.layout == "split":
         groups = [[slot] for slot in slots]
     else:
         step = max(1, BATCH_ELEMS // (length if part.layout == "rows" else n * length))
         groups = [slots[k : k + step] for k in range(0, len(slots), step)]
+    xs, ys = _source(ctx.xv, ctx.yv)
+    spatial = ctx.shape[2:]
     out = []
     for group in groups:
         regions = [part.slot_region(slot, n, length) for slot, _ in group]
-        xr, yr = (
-            torch.stack([t[ns, ch, ls] for (ns, ls), (_, ch) in zip(regions, group, strict=True)])
-            for t in (ctx.xv, ctx.yv)
-        )
         chl = [ch for _, ch in group]
-        cols = _dev(np.stack([v[chl] for v in ctx.host])[:, :, None], ctx.xv.device)
-        dr = _diff(xr.flatten(1), yr.flatten(1), *cols)
-        best = dr.max(dim=2)  # first index of the greatest, as `compare`'s argmax
-        values, where = best.values.tolist(), best.indices.tolist()
-        for j, ((ns, ls), (_, ch)) in enumerate(zip(regions, group, strict=True)):
+        ci = np.array(chl)
+        cols = [v[ci, None] for v in ctx.host]
+        x, y = _gather(xs, regions, chl), _gather(ys, regions, chl)
+        tops = _diff(x, y, *cols)
+        for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
+            n0, l0, width = int(ns.start), int(ls.start), int(ls.stop - ls.start)
             pair = []
-            for value, w in ((values[0][j], where[0][j]), (values[1][j], where[1][j])):
-                i, k = divmod(w, int(ls.stop - ls.start))
-                pos = _unflat(int(ls.start) + k, ctx.shape[2:])
-                pair.append((value, (int(ns.start) + i, ch, *pos)))
+            for values, where in tops:
+                i, k = divmod(where[j], width)
+                pair.append((values[j], (n0 + i, ch, *_unflat(l0 + k, spatial))))
             out.append((pair[0], pair[1]))
     return out
 
 
-def _diff(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    mean: torch.Tensor,
-    sd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-) -> torch.Tensor:
-    """(2, K, M) float64: |y - e| and |y - e|/|e| of (K, M) rows of x and y (in their own dtype,
-    converted exactly by type promotion), each with its channel's (K, 1) float64 parameters
-    (sd = sqrt(var + eps)), with `compare`'s arithmetic (same operations in the same order) and
-    conventions.
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+"""Dtypes whose CPU tensors NumPy reads in place (bfloat16 has no NumPy dtype)."""
+
+
+def _source(
+    *ts: torch.Tensor,
+) -> list[torch.Tensor | np.ndarray]:  # type: ignore[type-arg]
+    """Where regions of each t are gathered from: a NumPy view of a CPU tensor of a dtype NumPy
+    has (no copy, any strides), else the tensor itself (on CUDA, or bfloat16)."""
+    out: list[torch.Tensor | np.ndarray] = []  # type: ignore[type-arg]
+    for t in ts:
+        if t.requires_grad:
+            t = t.detach()
+        out.append(t.numpy() if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES else t)
+    return out
+
+
+def _gather(
+    src: torch.Tensor | np.ndarray,  # type: ignore[type-arg]
+    regions: list[tuple[slice, slice]],
+    chl: list[int],
+) -> Vec:
+    """(K, M) float64 host array: the K regions (samples, channel, plane segment) of `src`, each
+    flattened in (sample, position) order; values converted exactly to float64. From a tensor,
+    one gather and one transfer to the host."""
+    if isinstance(src, torch.Tensor):
+        parts = [src[ns, ch, ls] for (ns, ls), ch in zip(regions, chl, strict=True)]
+        host: Vec = torch.stack(parts).to("cpu", F64).numpy()
+        return host.reshape(len(chl), -1)
+    (ns, ls), ch = regions[0], chl[0]
+    out: Vec = np.empty((len(chl), ns.stop - ns.start, ls.stop - ls.start))
+    for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
+        out[j] = src[ns, ch, ls]
+    return out.reshape(len(chl), -1)
+
+
+def _diff(x: Vec, y: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec) -> tuple[Top, Top]:
+    """The greatest |y - e| and |y - e|/|e| of each of (K, M) rows of x and y (float64, converted
+    exactly), each with its channel's (K, 1) float64 parameters (sd = sqrt(var + eps)), and the
+    first index of it in the row, as `compare`'s argmax finds them: the same IEEE float64
+    operations in the same order (the same bits), and its conventions (NaN is Inf, Inf the
+    largest float).
 
     y is finite, as in every region searched here: a clean channel's residuals are all finite
     (y = ±Inf or NaN makes the pass's greatest residual Inf or NaN). `compare`'s "equal values
-    agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0."""
-    e = (x - mean) / sd
-    e = e * gamma + beta
-    out = torch.empty((2, *x.shape), dtype=F64, device=x.device)
-    d = torch.sub(y, e, out=out[0]).abs_().nan_to_num_(nan=float("inf"))
-    rel = torch.div(d, e.abs(), out=out[1])
-    rel.masked_fill_(d == 0, 0.0).nan_to_num_(nan=float("inf"))
-    return out
+    agree" and "NaN agrees with NaN" then need no mask: y == e makes y - e exactly 0.
+    NumPy's floating-point warnings: the caller's (np.errstate). x and y are overwritten."""
+    e = np.subtract(x, mean, out=x)
+    e /= sd
+    e *= gamma
+    e += beta
+    d = np.subtract(y, e, out=y)
+    np.abs(d, out=d)
+    top_d = _top(d)
+    if top_d is None:  # d as torch.nan_to_num(nan=inf) leaves it: the relative one is of that
+        top_d = _top(np.nan_to_num(d, copy=False, nan=_INF), fixed=True)
+    rel = np.abs(e, out=e)
+    np.divide(d, rel, out=rel)
+    rel[d == 0] = 0.0
+    top_r = _top(rel)
+    if top_r is None:
+        top_r = _top(np.nan_to_num(rel, copy=False, nan=_INF), fixed=True)
+    return top_d, top_r
+
+
+Top = tuple[list[float], list[int]]
+
+
+@overload
+def _top(v: Vec) -> Top | None: ...
+@overload
+def _top(v: Vec, fixed: Literal[True]) -> Top: ...
+
+
+def _top(v: Vec, fixed: bool = False) -> Top | None:
+    """(greatest, first index of it) of each row of v; None where a row holds NaN or Inf unless
+    `fixed` (torch.nan_to_num is then to be applied first: its Inf, the largest float, may tie)."""
+    where = v.argmax(1)  # the first NaN of a row that has one, else the first of the greatest
+    values: list[float] = v.max(1).tolist()  # NaN where there is one
+    if not fixed and not all(map(math.isfinite, values)):
+        return None
+    return values, where.tolist()
 
 
 def _unflat(pos: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
