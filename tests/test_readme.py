@@ -40,7 +40,16 @@ def demo_files() -> None:
 def _real_output(command: str) -> str:
     argv = shlex.split(command)
     assert argv[0] == "bn-diff"
-    r = cli(*argv[1:], cwd=ROOT, columns=100)
+    # the README's outputs were made with 2 torch threads (the CI machine): a convolution summed
+    # by another number of threads rounds differently, and `check` prints eager-vs-export gaps
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = cli(*argv[1:], cwd=ROOT, columns=100)
+    finally:
+        torch.set_num_threads(threads)
     return "\n".join(ln.rstrip() for ln in (r.out + r.err).rstrip().splitlines())
 
 
