@@ -51,9 +51,9 @@ Mask = np.ndarray[tuple[int, ...], np.dtype[np.bool_]]
 
 @dataclass(frozen=True, slots=True)
 class Host:
-    """A pass's partial results and the layer's float64 parameters on the host, as NumPy views of
-    one array (one transfer from the device, none on CPU), with the statistics derived from them.
-    """
+    """A pass's partial results and the layer's float64 parameters on the host, as NumPy arrays
+    (on CPU views of the tensors themselves; from a GPU views of one array, one transfer), with
+    the statistics derived from them. Read-only: nothing may write into them."""
 
     mean_p: Vec
     """(C,): mean - pivot, from m values per channel."""
@@ -92,14 +92,20 @@ class Host:
         t1, t2 = (part.s1[0], part.s2[0]) if len(part.s1) == 1 else (part.s1.sum(0), part.s2.sum(0))
         vecs = [t1, t2, part.pivot, part.xmin, part.xmax, gamma, beta]
         vecs += [] if running is None else list(running)
-        k = len(vecs) * c
-        flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()
-        s1, s2, pivot, xmin, xmax, g, b, *rmv = flat[:k].reshape(len(vecs), c)
+        if all(t.device.type == "cpu" and t.dtype == F64 for t in (*vecs, part.hi, part.lo)):
+            # read in place: views of the pass's results (a redo makes a new Host before it
+            # splices into them) and of the layer's float64 parameters, which nothing writes
+            s1, s2, pivot, xmin, xmax, g, b, *rmv = (t.detach().numpy() for t in vecs)
+            hi, lo = part.hi.numpy(), part.lo.numpy()
+        else:  # one transfer from the device
+            k = len(vecs) * c
+            flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()
+            s1, s2, pivot, xmin, xmax, g, b, *rmv = flat[:k].reshape(len(vecs), c)
+            hi, lo = flat[k:].reshape(2, *part.hi.shape)
         mean_p = s1 / m
         d = s2 - s1 * mean_p
         var = np.where(d < 0.0, 0.0, d) / m  # torch.clamp_min's: NaN and -0.0 stay
         poor = np.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
-        ext = flat[k:].reshape(2, *part.hi.shape)
         return cls(
             mean_p=mean_p,
             var=var,
@@ -111,8 +117,8 @@ class Host:
             beta=b,
             rm=rmv[0] if rmv else None,
             sd=rmv[1] if rmv else None,
-            hi=ext[0],
-            lo=ext[1],
+            hi=hi,
+            lo=lo,
         )
 
 
