@@ -70,8 +70,9 @@ def make_tolerance(atol: float | None, rtol: float | None, rounding_k: float = 4
 # --- one BN call ------------------------------------------------------------------------------
 def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     """Recompute one BN call in float64 and compare it with what PyTorch produced."""
-    x = call.x.detach()
-    y = call.y.detach()
+    x, y = call.x, call.y
+    if x.requires_grad or y.requires_grad:
+        x, y = x.detach(), y.detach()
     c = int(x.shape[1]) if x.dim() >= 2 else 1
     if x.dim() < 2:
         x = x.reshape(1, -1)
@@ -88,7 +89,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
             x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol
         )
     # the rest is arithmetic on (C,) vectors: on the host, in NumPy, one transfer on a GPU
-    src, h = _host_rows(mom, allow, cmp, gamma, beta, rm, rv, after)
+    h = _host_rows(mom, allow, cmp, gamma, beta, rm, rv, after)
     gaps = update = None
     with np.errstate(all="ignore"):  # NaN and Inf follow the torch formulas' conventions
         if rm is not None and rv is not None and mom.count:
@@ -117,7 +118,8 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     return LayerResult(
         findings=empty_batch(call) if mom.count == 0 else (),
         info=info,
-        channels=ChannelTable.adopt(src[:_MISM], names, src[_MISM]),  # objects made when read
+        # the table takes the rows as they are: ChannelStats objects are made when read
+        channels=ChannelTable.adopt(_tensor(h[:_MISM]), names, _tensor(h[_MISM])),
         numel=cmp.numel,
         mismatched=cmp.mismatched,
         max_abs_diff=cmp.max_abs_diff,
@@ -158,15 +160,13 @@ def reference_check(
 
 def _nanmax(v: Vec) -> float:
     """The greatest value that is not NaN (NaN when there is none); v not empty."""
-    return float(np.fmax.reduce(v))
+    m = float(v.max())
+    return m if m == m else float(np.fmax.reduce(v))  # max is NaN where v holds one
 
 
 def _frozen(call: BnCall) -> bool:
     ps = [p for p in (call.weight, call.bias) if isinstance(p, nn.Parameter)]
     return bool(ps) and not any(p.requires_grad for p in ps)
-
-
-_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def _params(
@@ -180,29 +180,19 @@ def _params(
 ]:
     """gamma, beta and the running mean and var before the call, as `as_f64` makes them
     ((C,) float64 on the activation's device), and where the call updates the running
-    statistics, those after it (mean, var) likewise. One stack where the
-    vectors allow it: float16 and bfloat16 widen to float32 exactly, then to float64 exactly."""
+    statistics, those after it (mean, var) likewise."""
     rm0, rv0 = call.running_mean_before, call.running_var_before
     rm1 = rv1 = None
     if call.updates_running_stats and rm0 is not None and rv0 is not None:
         rm1, rv1 = call.running_mean_after, call.running_var_after
     raw = (call.weight, call.bias, rm0, rv0, rm1, rv1)
-    vs = [v for v in raw if v is not None]
     got: list[torch.Tensor | None]
-    st = None
-    if vs and all(v.dtype in _FLOATS for v in vs):
-        try:
-            st = torch.stack(vs)
-        except RuntimeError:  # shapes or devices differ
-            st = None
-    if st is not None and st.device == dev and st.shape[1:] == (c,):
-        st = st.to(F64)
-        if st.requires_grad:
-            st = st.detach()
-        rows = iter(st.unbind(0))
-        got = [None if v is None else next(rows) for v in raw]
+    if all(v is None or (v.shape == (c,) and v.device == dev) for v in raw):
+        # as_f64 without its detach and reshape: one kind of torch op, cheaper in a hook
+        got = [None if v is None else v.to(F64) for v in raw]
+        if any(t is not None and t.requires_grad for t in got):  # a float64 parameter itself
+            got = [None if t is None else t.detach() for t in got]
     else:
-        st = None
         got = [None if v is None else as_f64(v, c, 0.0, dev) for v in raw]
     g = got[0] if got[0] is not None else as_f64(None, c, 1.0, dev)
     b = got[1] if got[1] is not None else as_f64(None, c, 0.0, dev)
@@ -242,12 +232,11 @@ def _host_rows(
     rm: torch.Tensor | None,
     rv: torch.Tensor | None,
     after: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, Vec]:
+) -> Vec:
     """Every (C,) vector the rest of `check_call` reads, as the rows (above) of one new float64
-    CPU tensor and its NumPy view: one stack of float64 vectors, and on a GPU one transfer."""
+    host array: on CPU one NumPy copy of their views, elsewhere one transfer. The counts are
+    exact in float64 below 2**53."""
     mean = mom.mean
-    counts = cmp.channel_mismatched
-    on_cpu = counts.device.type == "cpu"
     ts = [
         mean,
         mom.var,
@@ -258,21 +247,21 @@ def _host_rows(
         cmp.channel_max_abs,
         allow,
         mean,  # the gap's place
-        mean if on_cpu else counts.to(F64),  # exact below 2**53
+        cmp.channel_mismatched,
         mom.min,
         mom.max,
     ]
     if after is not None:
         ts += after
-    if any(t.dtype != F64 or t.device != mean.device for t in ts):  # not from this module's passes
-        ts = [t.to(mean.device, F64) for t in ts]
-    src = torch.stack(ts)
-    if src.device.type != "cpu":
-        src = src.cpu()
-    h: Vec = src.numpy()
-    if on_cpu:
-        h[_MISM] = counts.numpy()
-    return src, h
+    h: Vec
+    try:
+        h = np.array([t.numpy() for t in ts], dtype=np.float64)
+    except (TypeError, RuntimeError):  # not on the CPU (or not plain tensors)
+        h = torch.stack([t.detach().to(mean.device, F64) for t in ts]).cpu().numpy()
+    return h
+
+
+_tensor = torch.from_numpy
 
 
 def _train_eval_gap(eps: float, h: Vec) -> Vec:
@@ -282,7 +271,8 @@ def _train_eval_gap(eps: float, h: Vec) -> Vec:
     Both modes are affine in x per channel, so the gap is largest at the channel's min or max.
     `recompute.coefficients` of both modes (rows: batch, running), with torch's square roots.
     """
-    sd = torch.sqrt(torch.from_numpy(h[_VAR : _RV + 1 : 2] + eps)).numpy()
+    sd = h[_VAR : _RV + 1 : 2] + eps
+    _tensor(sd).sqrt_()  # torch's square root, in place
     a = h[_GAMMA] / sd
     b = h[_BETA] - a * h[_MEAN : _RM + 1 : 2]
     da, db = a[1] - a[0], b[1] - b[0]
@@ -303,16 +293,23 @@ def _check_running_update(call: BnCall, count: int, h: Vec) -> RunningUpdate | N
     # Moments.var_unbiased: var * (m / (m - 1)), NaN for m = 1; the mean times 1.0 is itself
     exp = (1 - k) * r0 + k * (h[_MEAN : _VAR + 1] * _unbias(count))  # recompute.running_update
     absmax = np.abs(h[_LO : _HI + 1]).max(axis=0)  # Moments.absmax
-    scale = np.abs(r0) + np.array([k * absmax, k * unb * absmax**2]) + np.abs(exp)
-    fin = torch.finfo(after.dtype) if after.dtype.is_floating_point else torch.finfo(torch.float32)
+    # absmax**2 is absmax * absmax, correctly rounded (torch's pow with exponent 2 multiplies)
+    scale = np.abs(r0) + np.array([k * absmax, k * unb * (absmax * absmax)]) + np.abs(exp)
+    eps = _EPS.get(after.dtype)
+    if eps is None:
+        eps = (torch.finfo(after.dtype) if after.dtype.is_floating_point else _F32).eps
     d = np.abs(r1 - exp)
-    if not math.isfinite(float(d.sum()) + float(scale.sum())):
-        # NaN or Inf somewhere: compare.absdiff's and nan_to_num's conventions, spelled out
-        d = _absdiff(r1, exp)
-        scale = _nan_to_num(scale, 0.0)
-    ok = bool((d <= 4 * fin.eps * scale + 1e-12).all())
-    nbt_ok = nbt is None or nbt == call.num_batches_tracked_after
     dmax = d.max(axis=1).tolist() if d.size else [0.0, 0.0]
+    # every value >= 0 (or NaN) when k >= 0: the sum is finite exactly when all of them are
+    if k >= 0 and math.isfinite(float(scale.max(initial=0.0)) + dmax[0] + dmax[1]):
+        # all finite: absdiff is |r1 - exp|, nan_to_num changes nothing, and d <= bound
+        # everywhere exactly when d - bound <= 0 everywhere (the sign of a rounded difference)
+        ok = d.size == 0 or float((d - (4 * eps * scale + 1e-12)).max()) <= 0.0
+    else:  # NaN or Inf somewhere: compare.absdiff's and nan_to_num's conventions, spelled out
+        d = _absdiff(r1, exp)
+        ok = bool((d <= 4 * eps * _nan_to_num(scale, 0.0) + 1e-12).all())
+        dmax = d.max(axis=1).tolist() if d.size else [0.0, 0.0]
+    nbt_ok = nbt is None or nbt == call.num_batches_tracked_after
     change = np.abs(r1 - r0).max(axis=1).tolist() if d.size else [0.0, 0.0]
     return RunningUpdate(
         momentum_used=k,
@@ -323,6 +320,11 @@ def _check_running_update(call: BnCall, count: int, h: Vec) -> RunningUpdate | N
         largest_mean_change=change[0],
         largest_var_change=change[1],
     )
+
+
+_F32 = torch.finfo(torch.float32)
+_EPS = {t: torch.finfo(t).eps for t in (torch.float16, torch.bfloat16, torch.float32, F64)}
+"""torch.finfo(dtype).eps of the usual buffer dtypes."""
 
 
 def _unbias(count: int) -> Vec:
