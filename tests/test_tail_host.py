@@ -9,6 +9,7 @@ RunningUpdate field by field, with what the reference gives.
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import replace
 from typing import Any
 
@@ -440,3 +441,72 @@ def test_random_gaps_many_channels() -> None:
 def test_nanmax_edges(vals: list[float]) -> None:
     t = torch.tensor(vals, dtype=F64)
     assert same(pipeline._nanmax(t.numpy()), ref_nanmax(t))
+
+
+# --- the less travelled paths -----------------------------------------------------------------
+def test_parameters_of_another_shape_take_as_f64s_path() -> None:
+    net = bn_net()
+    for train in (True, False):
+        call = calls_of(net, torch.randn(4, 3, 9, 9), train)[0]
+        assert call.weight is not None and call.bias is not None
+        # as_f64 flattens; (the running update reads the buffers as they are: always (C,))
+        odd = replace(
+            call, weight=call.weight.detach().reshape(1, -1), bias=call.bias.to(torch.int64)
+        )
+        check_both(odd)
+
+
+def test_host_rows_of_tensors_numpy_cannot_view() -> None:
+    """Tensors that require grad (like a float64 parameter) go through torch's copy: same rows."""
+    c = 7
+    g = torch.Generator().manual_seed(5)
+    vecs = [torch.randn(c, dtype=F64, generator=g) for _ in range(8)]
+    mom = Moments(mean=vecs[0], var=vecs[1].abs(), min=vecs[2], max=vecs[3], count=4)
+    counts = torch.randint(0, 9, (c,), generator=g)
+    cmp = Comparison(vecs[4], counts, 0, 0, 0.0, (0,), 0.0, (0,))
+    after = (vecs[6] * 2, vecs[7] * 2)
+    plain = pipeline._host_rows(mom, vecs[5], cmp, vecs[6], vecs[7], vecs[4], vecs[5], after)
+    gamma = nn.Parameter(vecs[6].clone())
+    other = pipeline._host_rows(mom, vecs[5], cmp, gamma, vecs[7], vecs[4], vecs[5], after)
+    assert plain.dtype == other.dtype == np.float64 and plain.shape == (14, c)
+    assert plain.tobytes() == other.tobytes()
+    assert plain[pipeline._MISM].tolist() == [float(v) for v in counts.tolist()]
+
+
+def test_float64_parameters_are_not_handed_on_with_their_grad() -> None:
+    net = bn_net(torch.float64)
+    with torch.enable_grad():
+        for call in calls_of(net, torch.randn(4, 3, 9, 9, dtype=F64), True):
+            g, b, rm, rv, after = pipeline._params(call, 6, torch.device("cpu"))
+            assert not any(t.requires_grad for t in (g, b))
+            check_both(call)
+
+
+def test_adopted_table_reads_like_one_built_from_columns() -> None:
+    c = 5
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(11, c, dtype=F64, generator=g)  # more rows than columns: not read
+    counts = torch.tensor([0.0, 3.0, 1.0, 0.0, 7.0], dtype=F64)
+    rows = {"batch_mean": 0, "batch_var": 1, "max_abs_diff": 6, "tolerance": 7, "gamma": 4}
+    t = ChannelTable.adopt(src, rows, counts)
+    want = ChannelTable.from_columns(
+        batch_mean=src[0],
+        batch_var=src[1],
+        running_mean=None,
+        running_var=None,
+        gamma=src[4],
+        beta=None,
+        max_abs_diff=src[6],
+        mismatched=counts.to(torch.int64),
+        tolerance=src[7],
+        train_eval_gap=None,
+    )
+    m = t.tensor("mismatched")
+    assert m is not None and m.dtype == torch.int64 and m.tolist() == [0, 3, 1, 0, 7]
+    assert t[1].mismatched == 3 and isinstance(t[1].mismatched, int)
+    assert t.column("mismatched") == (0, 3, 1, 0, 7)
+    assert all(isinstance(v, int) for v in t.column("mismatched"))
+    assert t.tensor("beta") is None and t.column("running_mean") == (None,) * c
+    assert same(tuple(t), tuple(want)) and t == want
+    fresh = ChannelTable.adopt(src, rows, counts)
+    assert same(pickle.loads(pickle.dumps(fresh)), want)
