@@ -89,11 +89,11 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
             x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol
         )
     # the rest is arithmetic on (C,) vectors: on the host, in NumPy, one transfer on a GPU
-    h = _host_rows(mom, allow, cmp, gamma, beta, rm, rv, after)
+    h, sd = _host_rows(mom, allow, cmp, gamma, beta, rm, rv, after, call.eps)
     gaps = update = None
     with np.errstate(all="ignore"):  # NaN and Inf follow the torch formulas' conventions
         if rm is not None and rv is not None and mom.count:
-            gaps = _train_eval_gap(call.eps, h)
+            gaps = _train_eval_gap(call.eps, h, sd)
         if call.updates_running_stats:
             update = _check_running_update(call, mom.count, h) if mom.count else empty_update(call)
         gap = None if gaps is None or gaps.size == 0 else _nanmax(gaps)
@@ -232,10 +232,14 @@ def _host_rows(
     rm: torch.Tensor | None,
     rv: torch.Tensor | None,
     after: tuple[torch.Tensor, torch.Tensor] | None,
-) -> Vec:
+    eps: float,
+) -> tuple[Vec, Vec | None]:
     """Every (C,) vector the rest of `check_call` reads, as the rows (above) of one new float64
     host array: on CPU one NumPy copy of their views, elsewhere one transfer. The counts are
-    exact in float64 below 2**53."""
+    exact in float64 below 2**53.
+
+    Off the CPU also sqrt(var + eps) of the batch and running variances (the gap's), taken on
+    the device as the torch formulas took them; on CPU None (torch's CPU root, on the host)."""
     mean = mom.mean
     ts = [
         mean,
@@ -253,26 +257,32 @@ def _host_rows(
     ]
     if after is not None:
         ts += after
-    h: Vec
     try:
-        h = np.array([t.numpy() for t in ts], dtype=np.float64)
+        return np.array([t.numpy() for t in ts], dtype=np.float64), None
     except (TypeError, RuntimeError):  # not on the CPU (or not plain tensors)
-        h = torch.stack([t.detach().to(mean.device, F64) for t in ts]).cpu().numpy()
-    return h
+        pass
+    ts = [t.detach().to(mean.device, F64) for t in ts]
+    n = len(ts)
+    if rv is not None:  # the square roots of the gap where the old formulas took them
+        ts += torch.sqrt(torch.stack([ts[_VAR], ts[_RV]]) + eps).unbind(0)
+    both: Vec = torch.stack(ts).cpu().numpy()  # one transfer
+    return both[:n], both[n:] if rv is not None else None
 
 
 _tensor = torch.from_numpy
 
 
-def _train_eval_gap(eps: float, h: Vec) -> Vec:
+def _train_eval_gap(eps: float, h: Vec, sd: Vec | None = None) -> Vec:
     """Per channel, the greatest |y_other_mode - y| over the channel's inputs, written into the
     gap's row of `h` (`_host_rows`; the running statistics present).
 
     Both modes are affine in x per channel, so the gap is largest at the channel's min or max.
-    `recompute.coefficients` of both modes (rows: batch, running), with torch's square roots.
+    `recompute.coefficients` of both modes (rows: batch, running), with torch's square roots:
+    `sd` where given (sqrt(var + eps), `_host_rows`), else taken here.
     """
-    sd = h[_VAR : _RV + 1 : 2] + eps
-    _tensor(sd).sqrt_()  # torch's square root, in place
+    if sd is None:
+        sd = h[_VAR : _RV + 1 : 2] + eps
+        _tensor(sd).sqrt_()  # torch's square root, in place
     a = h[_GAMMA] / sd
     b = h[_BETA] - a * h[_MEAN : _RM + 1 : 2]
     da, db = a[1] - a[0], b[1] - b[0]

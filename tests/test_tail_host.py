@@ -331,7 +331,7 @@ def tail_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     g, b, rm, rv, after = pipeline._params(call, c, torch.device("cpu"))
     zeros = torch.zeros(c, dtype=F64)
     cmp = Comparison(zeros, torch.zeros(c, dtype=torch.int64), 0, 0, 0.0, (0,), 0.0, (0,))
-    h = pipeline._host_rows(mom, zeros, cmp, g, b, rm, rv, after)
+    h, _ = pipeline._host_rows(mom, zeros, cmp, g, b, rm, rv, after, call.eps)
     with np.errstate(all="ignore"):
         return pipeline._check_running_update(call, mom.count, h)
 
@@ -409,7 +409,7 @@ def test_gap_matches_the_torch_formulas(c: int, data: st.DataObject, eps: float)
     want = ref_train_eval_gap(call, mom, gamma, beta, rm, rv)
     zeros = torch.zeros(c, dtype=F64)
     cmp = Comparison(zeros, torch.zeros(c, dtype=torch.int64), 0, 0, 0.0, (0,), 0.0, (0,))
-    h = pipeline._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None)
+    h, _ = pipeline._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None, eps)
     with np.errstate(all="ignore"):
         got = pipeline._train_eval_gap(eps, h)
         assert want is not None
@@ -429,7 +429,7 @@ def test_random_gaps_many_channels() -> None:
     want = ref_train_eval_gap(call, mom, gamma, beta, rm, rv)
     zeros = torch.zeros(c, dtype=F64)
     cmp = Comparison(zeros, torch.zeros(c, dtype=torch.int64), 0, 0, 0.0, (0,), 0.0, (0,))
-    h = pipeline._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None)
+    h, _ = pipeline._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None, call.eps)
     got = pipeline._train_eval_gap(call.eps, h)
     assert want is not None and got.tolist() == want.tolist()
 
@@ -465,12 +465,29 @@ def test_host_rows_of_tensors_numpy_cannot_view() -> None:
     counts = torch.randint(0, 9, (c,), generator=g)
     cmp = Comparison(vecs[4], counts, 0, 0, 0.0, (0,), 0.0, (0,))
     after = (vecs[6] * 2, vecs[7] * 2)
-    plain = pipeline._host_rows(mom, vecs[5], cmp, vecs[6], vecs[7], vecs[4], vecs[5], after)
+    eps = 1e-3
+    plain, none = pipeline._host_rows(
+        mom, vecs[5], cmp, vecs[6], vecs[7], vecs[4], vecs[5], after, eps
+    )
     gamma = nn.Parameter(vecs[6].clone())
-    other = pipeline._host_rows(mom, vecs[5], cmp, gamma, vecs[7], vecs[4], vecs[5], after)
+    other, sd = pipeline._host_rows(mom, vecs[5], cmp, gamma, vecs[7], vecs[4], vecs[5], after, eps)
     assert plain.dtype == other.dtype == np.float64 and plain.shape == (14, c)
     assert plain.tobytes() == other.tobytes()
     assert plain[pipeline._MISM].tolist() == [float(v) for v in counts.tolist()]
+    # the torch path (a GPU's) takes the gap's roots before its one transfer: the same gap
+    assert none is None and sd is not None and sd.shape == (2, c)
+    assert same(sd.tolist(), torch.sqrt(torch.stack([mom.var, vecs[5]]) + eps).tolist())
+    gap = pipeline._train_eval_gap(eps, plain.copy()).tolist()
+    assert same(gap, pipeline._train_eval_gap(eps, other.copy(), sd).tolist())
+    want = ref_train_eval_gap(
+        replace(fake_call(c, F64, 0.1, 0, *vecs[4:8]), eps=eps),
+        mom,
+        vecs[6],
+        vecs[7],
+        vecs[4],
+        vecs[5],
+    )
+    assert want is not None and same(gap, want.tolist())
 
 
 def test_float64_parameters_are_not_handed_on_with_their_grad() -> None:
