@@ -180,12 +180,9 @@ def _params(
 ]:
     """gamma, beta and the running mean and var before the call, as `as_f64` makes them
     ((C,) float64 on the activation's device), and where the call updates the running
-    statistics, those after it (mean, var) likewise."""
+    statistics, those after it (mean, var) as they are (`_host_rows` widens them)."""
     rm0, rv0 = call.running_mean_before, call.running_var_before
-    rm1 = rv1 = None
-    if call.updates_running_stats and rm0 is not None and rv0 is not None:
-        rm1, rv1 = call.running_mean_after, call.running_var_after
-    raw = (call.weight, call.bias, rm0, rv0, rm1, rv1)
+    raw = (call.weight, call.bias, rm0, rv0)
     got: list[torch.Tensor | None]
     if all(v is None or (v.shape == (c,) and v.device == dev) for v in raw):
         # as_f64 without its detach and reshape: one kind of torch op, cheaper in a hook
@@ -196,7 +193,10 @@ def _params(
         got = [None if v is None else as_f64(v, c, 0.0, dev) for v in raw]
     g = got[0] if got[0] is not None else as_f64(None, c, 1.0, dev)
     b = got[1] if got[1] is not None else as_f64(None, c, 0.0, dev)
-    after = None if got[4] is None or got[5] is None else (got[4], got[5])
+    rm1 = rv1 = None
+    if call.updates_running_stats and rm0 is not None and rv0 is not None:
+        rm1, rv1 = call.running_mean_after, call.running_var_after
+    after = None if rm1 is None or rv1 is None else (rm1, rv1)  # made float64 with the rest
     return g, b, got[2], got[3], after
 
 
@@ -261,7 +261,7 @@ def _host_rows(
         return np.array([t.numpy() for t in ts], dtype=np.float64), None
     except (TypeError, RuntimeError):  # not on the CPU (or not plain tensors)
         pass
-    ts = [t.detach().to(mean.device, F64) for t in ts]
+    ts = [t.detach().to(mean.device, F64).reshape(-1) for t in ts]
     n = len(ts)
     if rv is not None:  # the square roots of the gap where the old formulas took them
         ts += torch.sqrt(torch.stack([ts[_VAR], ts[_RV]]) + eps).unbind(0)
