@@ -5,8 +5,9 @@ the hooks cost about a tenth of a plain forward, while most readers (the exit co
 the summary table) never look at a channel. `ChannelTable` is an immutable
 `Sequence[ChannelStats]` that behaves like the tuple it replaces (len, indexing, slices,
 iteration, equality and hash with an equal tuple, pickling) but keeps the per-channel numbers as
-columns: one stacked float64 tensor copy (the source tensors may be buffers the checks reuse),
-turned into Python lists on first use. `ChannelStats` objects are made on indexing (one) or
+columns: one stacked float64 tensor copy (the source tensors may be buffers the checks reuse;
+`adopt` takes a host array's rows that no one else holds, without a copy), turned into Python
+lists on first use. `ChannelStats` objects are made on indexing (one) or
 iteration (all at once, a column at a time), and cached, so a channel read twice is the same
 object. The values are exactly the tuple's: `.tolist()` of the same float64 tensors.
 
@@ -147,7 +148,7 @@ class ChannelTable(Sequence[ChannelStats]):
         """A table over a (rows, C) float64 CPU tensor that the caller hands over and never
         writes again (no copy): `rows` names the row of each present float column (other rows
         are ignored); `mismatched`, (C,) counts, int64 or float64 holding integers (a row of
-        `src`, say), likewise handed over."""
+        `src`, say), likewise handed over. `rows` is kept as given: never change it after."""
         n = int(src.shape[1])
         self = cls.__new__(cls)
         self._n = n
