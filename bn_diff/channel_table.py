@@ -5,8 +5,9 @@ the hooks cost about a tenth of a plain forward, while most readers (the exit co
 the summary table) never look at a channel. `ChannelTable` is an immutable
 `Sequence[ChannelStats]` that behaves like the tuple it replaces (len, indexing, slices,
 iteration, equality and hash with an equal tuple, pickling) but keeps the per-channel numbers as
-columns: one stacked float64 tensor copy (the source tensors may be buffers the checks reuse),
-turned into Python lists on first use. `ChannelStats` objects are made on indexing (one) or
+columns: one stacked float64 tensor copy (the source tensors may be buffers the checks reuse;
+`adopt` takes a host array's rows that no one else holds, without a copy), turned into Python
+lists on first use. `ChannelStats` objects are made on indexing (one) or
 iteration (all at once, a column at a time), and cached, so a channel read twice is the same
 object. The values are exactly the tuple's: `.tolist()` of the same float64 tensors.
 
@@ -59,12 +60,14 @@ class ChannelTable(Sequence[ChannelStats]):
 
     _n: int
     _src: torch.Tensor | None
-    """(present float columns, C) float64: the numbers until `_cols` is made from them (then
-    None: no tensor outlives the first read)."""
+    """(rows, C) float64: the numbers until `_cols` is made from them (then None: no tensor
+    outlives the first read). A row for each present float column (`_rows`), and from `adopt`
+    maybe others, not read."""
     _rows: dict[str, int]
     """Row of `_src` of each present float column."""
     _mism: torch.Tensor | None
-    """(C,) int64: `mismatched`, until `_cols` is made."""
+    """(C,) int64 (or float64 holding integers, from `adopt`): `mismatched`, until `_cols` is
+    made."""
     _cols: dict[str, list[Any]] | None
     """Python values per field (absent optional columns missing), made on first use."""
     _items: list[ChannelStats | None] | None
@@ -138,6 +141,27 @@ class ChannelTable(Sequence[ChannelStats]):
             self._items = []
         return self
 
+    @classmethod
+    def adopt(
+        cls, src: torch.Tensor, rows: dict[str, int], mismatched: torch.Tensor
+    ) -> ChannelTable:
+        """A table over a (rows, C) float64 CPU tensor that the caller hands over and never
+        writes again (no copy): `rows` names the row of each present float column (other rows
+        are ignored); `mismatched`, (C,) counts, int64 or float64 holding integers (a row of
+        `src`, say), likewise handed over. `rows` is kept as given: never change it after."""
+        n = int(src.shape[1])
+        self = cls.__new__(cls)
+        self._n = n
+        self._src = src
+        self._rows = rows
+        self._mism = mismatched
+        self._cols = None
+        self._items = None
+        self._complete = n == 0
+        if n == 0:
+            self._items = []
+        return self
+
     # --- columns -------------------------------------------------------------------------------
     def _columns(self) -> dict[str, list[Any]]:
         cols = self._cols
@@ -147,7 +171,7 @@ class ChannelTable(Sequence[ChannelStats]):
                 # one transfer for all float columns (one device sync on a GPU)
                 rows = src.tolist()
                 cols = {k: rows[i] for k, i in self._rows.items()}
-                cols["mismatched"] = mism.tolist()
+                cols["mismatched"] = mism.to(torch.int64).tolist()
                 self._cols = cols  # before dropping the tensors: a reader in another thread
                 self._src = self._mism = None  # sees one or the other, never neither
             else:
@@ -173,7 +197,7 @@ class ChannelTable(Sequence[ChannelStats]):
         src, mism = self._src, self._mism  # one snapshot: another thread may drop them
         if self._cols is None and src is not None and mism is not None:
             if name == "mismatched":
-                return mism.to(device, copy=True)
+                return mism.to(device, torch.int64, copy=True)
             row = self._rows.get(name)
             if row is None:
                 if name not in FIELDS:

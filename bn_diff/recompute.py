@@ -13,9 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 F64 = torch.float64
+
+Vec = npt.NDArray[np.float64]
+"""Float64 per-channel vectors on the host. The small per-channel arithmetic after a layer's pass
+(pipeline.check_call) is done on them in NumPy, in the same operations and order as the torch
+formulas here, to the same bits: IEEE add, multiply, divide, abs and max are correctly rounded
+in both; square roots are torch's (on CPU not always NumPy's)."""
 
 CHUNK_ELEMS = 1 << 17
 """Elements per chunk (1 MiB of float64): small enough to stay in cache, large enough to amortise
@@ -214,13 +222,19 @@ def running_update(
 
     k = momentum, or 1/num_batches_tracked (after its increment) when momentum is None.
     """
-    nbt = None if num_batches_tracked is None else num_batches_tracked + 1
-    if momentum is None:
-        k = 1.0 / nbt if nbt else 0.0
-    else:
-        k = float(momentum)
+    nbt, k = update_momentum(num_batches_tracked, momentum)
     rm = running_mean.to(F64)
     rv = running_var.to(F64)
     new_mean = (1 - k) * rm + k * moments.mean
     new_var = (1 - k) * rv + k * moments.var_unbiased
     return RunningStats(mean=new_mean, var=new_var, num_batches_tracked=nbt, momentum_used=k)
+
+
+def update_momentum(
+    num_batches_tracked: int | None, momentum: float | None
+) -> tuple[int | None, float]:
+    """(num_batches_tracked after the increment, k) of `running_update`."""
+    nbt = None if num_batches_tracked is None else num_batches_tracked + 1
+    if momentum is None:
+        return nbt, 1.0 / nbt if nbt else 0.0
+    return nbt, float(momentum)
