@@ -34,7 +34,7 @@ import models  # noqa: E402
 import torch  # noqa: E402
 
 import bn_diff  # noqa: E402
-from bn_diff import capture, fused, fused_verdict, health, kernels, pipeline  # noqa: E402
+from bn_diff import capture, fused, fused_verdict, health, kernels, layer_check, pipeline  # noqa: E402
 from bn_diff.channel_table import ChannelTable  # noqa: E402
 
 _acc: collections.defaultdict[str, float] = collections.defaultdict(float)
@@ -56,9 +56,9 @@ def instrument() -> None:
     """Put a timer around each stage (module attributes, so callers pick the wrapper up)."""
     for mod, name in [
         (pipeline, "check_call"),
-        (pipeline, "fused_check"),
-        (pipeline, "_train_eval_gap"),
-        (pipeline, "_check_running_update"),
+        (layer_check, "fused_check"),
+        (layer_check, "_train_eval_gap"),
+        (layer_check, "_check_running_update"),
         (fused, "fused_pass"),
         (fused, "_compiled_pass"),
         (fused, "_pivot"),

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from bn_diff import fused
 from bn_diff.fused import fused_check
-from bn_diff.pipeline import make_tolerance, reference_check
+from bn_diff.layer_check import reference_check
+from bn_diff.pipeline import make_tolerance
 from bn_diff.recompute import F64
 from bn_diff.results import Tolerance
 
@@ -388,7 +389,7 @@ def test_run_on_a_network_matches_the_reference_everywhere(monkeypatch: pytest.M
     import models
 
     import bn_diff
-    from bn_diff import pipeline
+    from bn_diff import layer_check
 
     net = models.calibrate(
         models.ResNetStyle(blocks=(1, 1, 1, 1), width=8, num_classes=10), (4, 3, 32, 32)
@@ -397,7 +398,7 @@ def test_run_on_a_network_matches_the_reference_everywhere(monkeypatch: pytest.M
     for mode in ("eval", "train"):
         fast = bn_diff.run(net, x, mode=mode).to_json()
         with monkeypatch.context() as mp:
-            mp.setattr(pipeline, "fused_check", lambda *a, **k: None)
+            mp.setattr(layer_check, "fused_check", lambda *a, **k: None)
             ref = bn_diff.run(net, x, mode=mode).to_json()
         assert fast["ok"] == ref["ok"]
         for lf, lr in zip(fast["layers"], ref["layers"], strict=True):

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bn_diff import pipeline
+from bn_diff import layer_check, pipeline
 from bn_diff.capture import BnCall, Capture
 from bn_diff.channel_table import ChannelTable
 from bn_diff.compare import Comparison, absdiff, dtype_name, resolve
@@ -97,11 +97,11 @@ def ref_check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     rm = None if call.running_mean_before is None else as_f64(call.running_mean_before, c, 0, dev)
     rv = None if call.running_var_before is None else as_f64(call.running_var_before, c, 1, dev)
     atol, rtol = resolve(tol, y.dtype)
-    fast = pipeline.fused_check(x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol)
+    fast = layer_check.fused_check(x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol)
     if fast is not None:
         mom, allow, cmp = fast.moments, fast.allowance, fast.comparison
     else:
-        mom, allow, cmp = pipeline.reference_check(
+        mom, allow, cmp = layer_check.reference_check(
             x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol
         )
     gaps = ref_train_eval_gap(call, mom, gamma, beta, rm, rv)
@@ -121,7 +121,7 @@ def ref_check_call(call: BnCall, tol: Tolerance) -> LayerResult:
         producer=call.producer,
         dtype=dtype_name(y.dtype),
         shape=tuple(int(s) for s in x.shape),
-        weight_frozen=pipeline._frozen(call),
+        weight_frozen=layer_check._frozen(call),
         num_batches_tracked=call.num_batches_tracked_before,
     )
     channels = ChannelTable.from_columns(
@@ -169,7 +169,7 @@ def calls_of(model: nn.Module, x: torch.Tensor, train: bool) -> list[BnCall]:
 
 def check_both(call: BnCall) -> None:
     with np.errstate(all="raise"):  # the tail must not leak NumPy's state or warnings
-        got = pipeline.check_call(call, TOL)
+        got = layer_check.check_call(call, TOL)
     want = ref_check_call(call, TOL)
     assert same(got, want), (call.name, got, want)
     assert same(got.to_json(), want.to_json())
@@ -283,7 +283,7 @@ def test_running_buffers_written_wrong() -> None:
     for name, (m1, v1) in variants.items():
         bad = replace(call, running_mean_after=m1.clone(), running_var_after=v1.clone())
         check_both(bad)
-        assert pipeline.check_call(bad, TOL).running_update is not None, name
+        assert layer_check.check_call(bad, TOL).running_update is not None, name
     wrong_count = replace(call, num_batches_tracked_after=(call.num_batches_tracked_after or 0) + 5)
     check_both(wrong_count)
 
@@ -328,12 +328,12 @@ def fake_call(
 def tail_update(call: BnCall, mom: Moments) -> RunningUpdate | None:
     """pipeline's host path for the running update, on given statistics."""
     c = int(mom.mean.numel())
-    g, b, rm, rv, after = pipeline._params(call, c, torch.device("cpu"))
+    g, b, rm, rv, after = layer_check._params(call, c, torch.device("cpu"))
     zeros = torch.zeros(c, dtype=F64)
     cmp = Comparison(zeros, torch.zeros(c, dtype=torch.int64), 0, 0, 0.0, (0,), 0.0, (0,))
-    h, _ = pipeline._host_rows(mom, zeros, cmp, g, b, rm, rv, after, call.eps)
+    h, _ = layer_check._host_rows(mom, zeros, cmp, g, b, rm, rv, after, call.eps)
     with np.errstate(all="ignore"):
-        return pipeline._check_running_update(call, mom.count, h)
+        return layer_check._check_running_update(call, mom.count, h)
 
 
 SPECIAL = [0.0, -0.0, 1.0, -2.5, 1e-300, 1e300, math.inf, -math.inf, math.nan, 3.0e38, 70000.0]
@@ -409,12 +409,12 @@ def test_gap_matches_the_torch_formulas(c: int, data: st.DataObject, eps: float)
     want = ref_train_eval_gap(call, mom, gamma, beta, rm, rv)
     zeros = torch.zeros(c, dtype=F64)
     cmp = Comparison(zeros, torch.zeros(c, dtype=torch.int64), 0, 0, 0.0, (0,), 0.0, (0,))
-    h, _ = pipeline._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None, eps)
+    h, _ = layer_check._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None, eps)
     with np.errstate(all="ignore"):
-        got = pipeline._train_eval_gap(eps, h)
+        got = layer_check._train_eval_gap(eps, h)
         assert want is not None
         assert same(got.tolist(), want.tolist())
-        assert same(pipeline._nanmax(got), ref_nanmax(want))
+        assert same(layer_check._nanmax(got), ref_nanmax(want))
 
 
 def test_random_gaps_many_channels() -> None:
@@ -429,8 +429,8 @@ def test_random_gaps_many_channels() -> None:
     want = ref_train_eval_gap(call, mom, gamma, beta, rm, rv)
     zeros = torch.zeros(c, dtype=F64)
     cmp = Comparison(zeros, torch.zeros(c, dtype=torch.int64), 0, 0, 0.0, (0,), 0.0, (0,))
-    h, _ = pipeline._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None, call.eps)
-    got = pipeline._train_eval_gap(call.eps, h)
+    h, _ = layer_check._host_rows(mom, zeros, cmp, gamma, beta, rm, rv, None, call.eps)
+    got = layer_check._train_eval_gap(call.eps, h)
     assert want is not None and got.tolist() == want.tolist()
 
 
@@ -440,7 +440,7 @@ def test_random_gaps_many_channels() -> None:
 )
 def test_nanmax_edges(vals: list[float]) -> None:
     t = torch.tensor(vals, dtype=F64)
-    assert same(pipeline._nanmax(t.numpy()), ref_nanmax(t))
+    assert same(layer_check._nanmax(t.numpy()), ref_nanmax(t))
 
 
 # --- the less travelled paths -----------------------------------------------------------------
@@ -466,19 +466,21 @@ def test_host_rows_of_tensors_numpy_cannot_view() -> None:
     cmp = Comparison(vecs[4], counts, 0, 0, 0.0, (0,), 0.0, (0,))
     after = (vecs[6] * 2, vecs[7] * 2)
     eps = 1e-3
-    plain, none = pipeline._host_rows(
+    plain, none = layer_check._host_rows(
         mom, vecs[5], cmp, vecs[6], vecs[7], vecs[4], vecs[5], after, eps
     )
     gamma = nn.Parameter(vecs[6].clone())
-    other, sd = pipeline._host_rows(mom, vecs[5], cmp, gamma, vecs[7], vecs[4], vecs[5], after, eps)
+    other, sd = layer_check._host_rows(
+        mom, vecs[5], cmp, gamma, vecs[7], vecs[4], vecs[5], after, eps
+    )
     assert plain.dtype == other.dtype == np.float64 and plain.shape == (14, c)
     assert plain.tobytes() == other.tobytes()
-    assert plain[pipeline._MISM].tolist() == [float(v) for v in counts.tolist()]
+    assert plain[layer_check._MISM].tolist() == [float(v) for v in counts.tolist()]
     # the torch path (a GPU's) takes the gap's roots before its one transfer: the same gap
     assert none is None and sd is not None and sd.shape == (2, c)
     assert same(sd.tolist(), torch.sqrt(torch.stack([mom.var, vecs[5]]) + eps).tolist())
-    gap = pipeline._train_eval_gap(eps, plain.copy()).tolist()
-    assert same(gap, pipeline._train_eval_gap(eps, other.copy(), sd).tolist())
+    gap = layer_check._train_eval_gap(eps, plain.copy()).tolist()
+    assert same(gap, layer_check._train_eval_gap(eps, other.copy(), sd).tolist())
     want = ref_train_eval_gap(
         replace(fake_call(c, F64, 0.1, 0, *vecs[4:8]), eps=eps),
         mom,
@@ -494,7 +496,7 @@ def test_float64_parameters_are_not_handed_on_with_their_grad() -> None:
     net = bn_net(torch.float64)
     with torch.enable_grad():
         for call in calls_of(net, torch.randn(4, 3, 9, 9, dtype=F64), True):
-            g, b, rm, rv, after = pipeline._params(call, 6, torch.device("cpu"))
+            g, b, rm, rv, after = layer_check._params(call, 6, torch.device("cpu"))
             assert not any(t.requires_grad for t in (g, b))
             check_both(call)
 
