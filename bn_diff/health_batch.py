@@ -22,12 +22,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .capture import BnCall, is_batchnorm
 from .health_checks import Layer, chans, fnum, indices
 from .health_screen import batch_moments
-from .recompute import F64, Moments, as_f64, channel_moments
+from .recompute import F64, Moments, Vec, as_f64, channel_moments
 from .results import LayerResult, Severity
 
 SHIFT_Z = 3.0
@@ -59,8 +60,9 @@ class Dependence:
         }
 
 
-def _centered(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return a * (x - m)
+def _centered(x: Vec, a: Vec, m: Vec) -> Vec:
+    out: Vec = a * (x - m)
+    return out
 
 
 def batch_dependence(
@@ -90,21 +92,26 @@ def batch_dependence(
     dev = x.device
     s0 = channel_moments(x[:1])
     other: Moments = s0 if k == 1 else channel_moments(x[:k])
-    gamma = as_f64(call.weight, c, 1.0, dev)
-    bm, bv = batch_moments(result) if moments is None else moments
-    bm, bv = bm.to(dev, F64), bv.to(dev, F64)
-    a_batch = gamma / torch.sqrt(bv + call.eps)
-    a_other = gamma / torch.sqrt(other.var + call.eps)
-    # y' - y = a'(x - m') - a(x - m): beta cancels; evaluated at the sample's extremes
-    gaps = torch.maximum(
-        (_centered(s0.min, a_other, other.mean) - _centered(s0.min, a_batch, bm)).abs(),
-        (_centered(s0.max, a_other, other.mean) - _centered(s0.max, a_batch, bm)).abs(),
-    )
-    finite = torch.isfinite(gaps)
-    if not bool(finite.any()):
+    # the rest is arithmetic on (C,) vectors: on the host, in NumPy (one transfer from a GPU),
+    # with the operations of the torch formulas in their order and torch's square root
+    stacked = torch.stack([s0.min, s0.max, other.mean, other.var, as_f64(call.weight, c, 1.0, dev)])
+    lo, hi, m_o, v_o, gamma = stacked.numpy() if dev.type == "cpu" else stacked.cpu().numpy()
+    bm_t, bv_t = batch_moments(result) if moments is None else moments
+    bm, bv = (t.to("cpu", F64).numpy() for t in (bm_t, bv_t))
+    with np.errstate(all="ignore"):
+        sd = np.stack([bv + call.eps, v_o + call.eps])
+        torch.from_numpy(sd).sqrt_()  # torch's root, in place
+        a_batch, a_other = gamma / sd[0], gamma / sd[1]
+        # y' - y = a'(x - m') - a(x - m): beta cancels; evaluated at the sample's extremes
+        gaps = np.maximum(
+            np.abs(_centered(lo, a_other, m_o) - _centered(lo, a_batch, bm)),
+            np.abs(_centered(hi, a_other, m_o) - _centered(hi, a_batch, bm)),
+        )
+    finite = np.isfinite(gaps)
+    if not finite.any():
         return None
-    gaps = gaps.where(finite, torch.full_like(gaps, -1.0))
-    ch = int(gaps.argmax())
+    gaps = np.where(finite, gaps, -1.0)
+    ch = int(np.argmax(gaps))  # the first greatest, as torch's argmax
     return Dependence(gap=float(gaps[ch]), channel=ch, alternative=alternative, samples=k)
 
 

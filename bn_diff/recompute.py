@@ -131,6 +131,13 @@ def channel_moments(x: torch.Tensor) -> Moments:
 
     Chunks are merged with Chan's parallel update, which is as exact as a two-pass algorithm.
     """
+    if 0 < x.numel() <= CHUNK_ELEMS:
+        return _one_chunk(x)
+    return _merged(x)
+
+
+def _merged(x: torch.Tensor) -> Moments:
+    """`channel_moments` chunk by chunk, merged."""
     c = int(x.shape[1])
     dev = x.device
     mean = torch.zeros(c, dtype=F64, device=dev)
@@ -161,6 +168,20 @@ def channel_moments(x: torch.Tensor) -> Moments:
     if m == 0:
         mean = torch.full_like(mean, float("nan"))
     return Moments(mean=mean, var=var, min=lo, max=hi, count=m)
+
+
+def _one_chunk(x: torch.Tensor) -> Moments:
+    """`channel_moments` of a tensor that is one chunk, without the merge: merging one chunk
+    into the zeros gives the chunk's own numbers (mean 0 + cm·1, m2 0 + cm2 + δ²·0 with δ = cm,
+    finite or not as cm2 is), so these are the same values in a third of the torch calls. The
+    `+ 0.0` is the merge's: it makes a mean of -0.0 +0.0, as there."""
+    dims = reduce_dims(x.dim())
+    xc = x.to(F64)
+    mean = xc.mean(dim=dims).add_(0.0)
+    d = xc - _bcast(mean, xc.dim())
+    var = (d * d).sum(dim=dims) / values_per_channel(x.shape)
+    lo, hi = xc.amin(dim=dims), xc.amax(dim=dims)
+    return Moments(mean=mean, var=var, min=lo, max=hi, count=values_per_channel(x.shape))
 
 
 def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -123,3 +123,44 @@ def test_chunked_moments_match_direct(
     torch.testing.assert_close(mom.var, var, rtol=1e-9, atol=1e-9 * scale**2)
     torch.testing.assert_close(mom.min, x.amin(dim=dims))
     torch.testing.assert_close(mom.max, x.amax(dim=dims))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.sampled_from([(3, 4), (2, 3, 5), (1, 2, 3, 3), (4, 1, 7), (1, 1)]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    values=st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, -2.5, 1e-3, 3e4, 1000.5, float("nan"), float("inf")])
+        | st.floats(-1e4, 1e4),
+        min_size=1,
+        max_size=1,
+    ),
+    seed=st.integers(0, 2**31 - 1),
+    special=st.integers(0, 6),
+)
+def test_one_chunk_moments_are_the_merged_ones_to_the_bit(
+    shape: tuple[int, ...], dtype: torch.dtype, values: list[float], seed: int, special: int
+) -> None:
+    """A tensor of one chunk skips the merge (a third of the torch calls in a hook): the same
+    bits, the sign of a zero mean and NaN/Inf included."""
+    from bn_diff import recompute
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 10.0 ** (seed % 7 - 3)).to(dtype)
+    flat = x.view(-1)
+    if special == 1:
+        flat[seed % flat.numel()] = values[0]
+    elif special == 2:
+        flat[:] = -0.0
+    elif special == 3:
+        x[:, 0] = -0.0
+    elif special == 4:
+        flat[0], flat[-1] = -float("inf"), float("inf")
+    elif special == 5:
+        x += 1000
+    one, merged = recompute._one_chunk(x), recompute._merged(x)
+    assert one.count == merged.count
+    for field in ("mean", "var", "min", "max"):
+        a, b = getattr(one, field), getattr(merged, field)
+        same = (a == b) & (torch.signbit(a) == torch.signbit(b)) | (a.isnan() & b.isnan())
+        assert bool(same.all()), (field, a, b)
