@@ -115,3 +115,71 @@ def test_bn1d_compares_with_the_first_half_of_the_batch(k: int) -> None:
     )
     assert dep.gap == float(gaps.max()) and dep.channel == int(gaps.argmax())
     assert bm.dtype == F64
+
+
+@pytest.fixture
+def compiled() -> object:
+    from bn_diff import kernels
+
+    kernels.set_policy("compiled")
+    kernels.reset()
+    yield
+    kernels.set_policy(None)
+    kernels.reset()
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 3, 48, 48), (3, 4, 1, 1)])
+@pytest.mark.parametrize("case", ["plain", "far", "nan", "constant"])
+def test_sample_moments_by_the_kernel_are_channel_moments(
+    compiled: object, shape: tuple[int, ...], case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the compiled kernels on, sample 0's moments come from their statistics pass: the
+    chunked recompute's numbers up to float64 rounding; a sample far from the batch mean (a
+    poor pivot) and NaN take the chunked recompute itself."""
+    from bn_diff import kernels
+    from bn_diff.health_batch import sample_moments
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 2 + 5
+    if case == "far":
+        x[0, 1] = 1000.0 + 1e-3 * torch.randn(shape[2:], generator=g)
+    elif case == "nan":
+        x[0, 2].view(-1)[0] = math.nan
+    elif case == "constant":
+        x[0, 0] = 7.25
+    bm = channel_moments(x).mean
+    real, names = kernels.call, []
+
+    def spy(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        names.append(name)
+        return real(lay, name, *args)
+
+    monkeypatch.setattr(kernels, "call", spy)
+    got, want = sample_moments(x[:1], bm), channel_moments(x[:1])
+    assert names == ["sums"] and kernels.status()["failure"] is None
+    assert got.count == want.count
+
+    def same(field: str) -> bool:
+        a, b = getattr(got, field), getattr(want, field)
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+    assert same("min") and same("max")
+    if case in ("far", "nan"):  # the fallback: the same numbers
+        assert same("mean") and same("var")
+        return
+    torch.testing.assert_close(got.mean, want.mean, rtol=1e-14, atol=1e-13)
+    torch.testing.assert_close(got.var, want.var, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_dependence_with_the_kernel_matches_without(compiled: object) -> None:
+    from bn_diff import kernels
+
+    x = torch.randn(4, 3, 50, 50, generator=torch.Generator().manual_seed(1)) + 2
+    call = one_call(x, torch.tensor([0.5, 1.0, 2.0]), 1e-5)
+    result = check_call(call, TOL)
+    fast = batch_dependence(call, result)
+    with kernels.using("eager"):
+        slow = batch_dependence(call, result)
+    assert fast is not None and slow is not None
+    assert fast.channel == slow.channel
+    assert fast.gap == pytest.approx(slow.gap, rel=1e-10)
