@@ -90,13 +90,13 @@ def batch_dependence(
             return None
         alternative = f"with only the first {k} samples"
     dev = x.device
-    bm_t, bv_t = batch_moments(result) if moments is None else moments
-    s0 = sample_moments(x[:1], bm_t)
-    other: Moments = s0 if k == 1 else sample_moments(x[:k], bm_t)
+    s0 = channel_moments(x[:1])
+    other: Moments = s0 if k == 1 else channel_moments(x[:k])
     # the rest is arithmetic on (C,) vectors: on the host, in NumPy (one transfer from a GPU),
     # with the operations of the torch formulas in their order and torch's square root
     stacked = torch.stack([s0.min, s0.max, other.mean, other.var, as_f64(call.weight, c, 1.0, dev)])
     lo, hi, m_o, v_o, gamma = stacked.numpy() if dev.type == "cpu" else stacked.cpu().numpy()
+    bm_t, bv_t = batch_moments(result) if moments is None else moments
     bm, bv = (t.to("cpu", F64).numpy() for t in (bm_t, bv_t))
     with np.errstate(all="ignore"):
         sd = np.stack([bv + call.eps, v_o + call.eps])
@@ -113,40 +113,6 @@ def batch_dependence(
     gaps = np.where(finite, gaps, -1.0)
     ch = int(np.argmax(gaps))  # the first greatest, as torch's argmax
     return Dependence(gap=float(gaps[ch]), channel=ch, alternative=alternative, samples=k)
-
-
-def sample_moments(x: torch.Tensor, batch_mean: torch.Tensor) -> Moments:
-    """`channel_moments` of the first samples x of a batch, whose per-channel mean is
-    `batch_mean` (float64, any device).
-
-    Where the compiled kernels are in use, their statistics pass does it in one read of x,
-    summed around the batch mean (float64 throughout: channel_moments' numbers up to float64
-    rounding); the eager chunked recompute costs ~0.35 ms per ResNet-50 layer inside a hook. A
-    channel whose own mean lies more than sqrt(PIVOT_RATIO) of its standard deviations from the
-    batch mean would lose digits that way: then, as where no kernel is at hand,
-    `channel_moments`."""
-    from . import kernels
-    from .fused import PIVOT_RATIO, view3
-
-    xv = view3(x) if x.dim() >= 2 and x.numel() else None
-    if xv is None or not kernels.ready(xv):
-        return channel_moments(x)
-    n, _, length = (int(s) for s in xv.shape)
-    p = batch_mean.to(x.device, F64).reshape(-1, 1)
-    lay = kernels.layout(length)
-    out = kernels.call(lay, "sums", xv, p)
-    if out is None:
-        return channel_moments(x)
-    s1, s2, hi, lo = out
-    if lay == "rows":  # per (sample, channel): the channel's are over the samples
-        s1, s2, hi, lo = s1.sum(0), s2.sum(0), hi.amax(0), lo.amin(0)
-    m = n * length
-    mean_p = s1 / m
-    var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
-    # NaN or Inf in x (x² is in s2), or a poor pivot: the chunked recompute's conventions
-    if not bool(torch.isfinite(s2).all()) or bool((mean_p * mean_p > PIVOT_RATIO * var).any()):
-        return channel_moments(x)
-    return Moments(mean=p.view(-1) + mean_p, var=var, min=lo, max=hi, count=m)
 
 
 def z_threshold(call: BnCall) -> float:

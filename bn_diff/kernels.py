@@ -170,16 +170,6 @@ def wanted(xv: torch.Tensor, yv: torch.Tensor) -> bool:
     if not eligible(xv, yv):
         return False
     _state.checked += int(xv.numel())  # the work a kernel could have taken
-    return _ready()
-
-
-def ready(xv: torch.Tensor) -> bool:
-    """Whether the kernels would take an (N, C, L) view of x now, without counting it: for
-    side work on a layer the pass already checked (health's sample moments)."""
-    return eligible(xv, xv) and _ready()
-
-
-def _ready() -> bool:
     p = policy()
     if not (p == "compiled" or (p == "auto" and _state.checked >= AUTO_ELEMS)):
         # decided before anything imports torch._dynamo: on an H200, a run that imported it
