@@ -41,7 +41,9 @@ def torch_dependence(call: BnCall, bm: torch.Tensor, bv: torch.Tensor) -> tuple[
 
 
 def one_call(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> BnCall:
-    bn = nn.BatchNorm2d(x.shape[1], eps=eps, affine=weight is not None).to(x.dtype).train()
+    bn = (
+        nn.BatchNorm2d(x.shape[1], eps=eps, affine=weight is not None).to(x.device, x.dtype).train()
+    )
     if weight is not None:
         with torch.no_grad():
             bn.weight.copy_(weight.to(x.dtype))
@@ -115,3 +117,19 @@ def test_bn1d_compares_with_the_first_half_of_the_batch(k: int) -> None:
     )
     assert dep.gap == float(gaps.max()) and dep.channel == int(gaps.argmax())
     assert bm.dtype == F64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_dependence_on_a_gpu_is_the_torch_formulas(dtype: torch.dtype) -> None:
+    """On a GPU the vectors come to the host in one transfer; the torch formulas there take
+    CUDA's square root, the host torch's CPU one: the same up to the last bit."""
+    x = (torch.randn(4, 5, 6, 7, generator=torch.Generator().manual_seed(2)) + 1).to(dtype)
+    call = one_call(x.cuda(), torch.rand(5) + 0.5, 1e-5)
+    result = check_call(call, TOL)
+    bm, bv = batch_moments(result, "cuda")
+    got = batch_dependence(call, result)
+    want = torch_dependence(call, bm, bv)
+    assert got is not None and want is not None
+    assert got.channel == want[1]
+    assert got.gap == pytest.approx(want[0], rel=1e-14)

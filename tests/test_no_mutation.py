@@ -125,3 +125,16 @@ def test_every_kind_of_buffer_comes_back_and_unchanged_ones_are_not_written(mode
         written = k in ("count", "strided", "nan", "sparse")
         if not written and not (mode == "train" and k.startswith("bn.")):
             assert now._version == version, k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["as-is", "train", "eval"])
+def test_buffers_on_a_gpu_come_back(mode: str) -> None:
+    net = models.calibrate(models.resnet_tiny(), (4, 3, 16, 16)).cuda()
+    net.layer1.train()
+    snap = _snapshot(net)
+    versions = {k: v._version for k, v in net.named_buffers()}
+    bn_diff.run(net, torch.randn(4, 3, 16, 16, device="cuda"), mode=mode)
+    _assert_same(net, snap)
+    if mode == "eval":  # nothing wrote them: no write back either
+        assert {k: v._version for k, v in net.named_buffers()} == versions
