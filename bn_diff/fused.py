@@ -481,7 +481,7 @@ def fused_check(
         bn = BnArgs(gamma, beta, rm, rv, batch, eps)
         part = fused_pass(xv, yv, bn, target)
         m = int(xv.shape[0] * xv.shape[2])
-        host = Host.of(part, gamma, beta, running, m)
+        host = Host.of(part, gamma, beta, running, m, bn.eps if batch else None)
         redo = host.poor.nonzero()[0].tolist() if host.poor.any() else []
         if redo:  # rare: sum those channels again around the mean the first pass found
             better = torch.from_numpy(host.pivot + host.mean_p).to(x.device)
@@ -506,7 +506,7 @@ def fused_check(
                     use_kernel=False,
                 )
                 part.splice(cs, sub)
-            host = Host.of(part, gamma, beta, running, m)
+            host = Host.of(part, gamma, beta, running, m, bn.eps if batch else None)
         return verdict(x, y, xv, yv, part, host, bn, tol)
 
 

@@ -75,6 +75,9 @@ class Host:
     hi: Vec
     """(2, slots, C): as `Partials.hi`."""
     lo: Vec
+    batch_sd: Vec | None = None
+    """(C,): sqrt(var + eps) of the batch variance, by torch.sqrt on the pass's device (as
+    `compare` takes it), where the output was normalized with the batch statistics."""
 
     @classmethod
     def of(
@@ -84,27 +87,37 @@ class Host:
         beta: torch.Tensor,
         running: tuple[torch.Tensor, torch.Tensor] | None,
         m: int,
+        batch_eps: float | None = None,
     ) -> Host:
         """`running`: (running_mean, sqrt(running_var + eps)) where the output was normalized
-        with the running statistics. NumPy's floating-point warnings: the caller's (np.errstate)."""
+        with the running statistics; `batch_eps`: eps where it was normalized with the batch's.
+        NumPy's floating-point warnings: the caller's (np.errstate)."""
         c = int(part.pivot.shape[0])
         # one slot: its sums are the channel's (a sum is never -0.0, so summing one row is exact)
         t1, t2 = (part.s1[0], part.s2[0]) if len(part.s1) == 1 else (part.s1.sum(0), part.s2.sum(0))
         vecs = [t1, t2, part.pivot, part.xmin, part.xmax, gamma, beta]
         vecs += [] if running is None else list(running)
+        batch_sd: Vec | None = None
         if all(t.device.type == "cpu" and t.dtype == F64 for t in (*vecs, part.hi, part.lo)):
             # read in place: views of the pass's results (a redo makes a new Host before it
             # splices into them) and of the layer's float64 parameters, which nothing writes
             s1, s2, pivot, xmin, xmax, g, b, *rmv = (t.detach().numpy() for t in vecs)
             hi, lo = part.hi.numpy(), part.lo.numpy()
-        else:  # one transfer from the device
+            mean_p, var = _statistics(s1, s2, m)
+            if batch_eps is not None:
+                batch_sd = torch.sqrt(torch.from_numpy(var + batch_eps)).numpy()
+        else:  # one transfer from the device, the batch's square root taken there first
+            if batch_eps is not None:  # the same operations as _statistics', on the device
+                mean_t = t1 / m
+                var_t = torch.clamp_min(t2 - t1 * mean_t, 0.0) / m
+                vecs.append(torch.sqrt(var_t + batch_eps))
             k = len(vecs) * c
             flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()
             s1, s2, pivot, xmin, xmax, g, b, *rmv = flat[:k].reshape(len(vecs), c)
+            if batch_eps is not None:
+                batch_sd = rmv.pop()
             hi, lo = flat[k:].reshape(2, *part.hi.shape)
-        mean_p = s1 / m
-        d = s2 - s1 * mean_p
-        var = np.where(d < 0.0, 0.0, d) / m  # torch.clamp_min's: NaN and -0.0 stay
+            mean_p, var = _statistics(s1, s2, m)
         poor = np.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
         return cls(
             mean_p=mean_p,
@@ -119,13 +132,28 @@ class Host:
             sd=rmv[1] if rmv else None,
             hi=hi,
             lo=lo,
+            batch_sd=batch_sd,
         )
 
 
+def _statistics(s1: Vec, s2: Vec, m: int) -> tuple[Vec, Vec]:
+    """(mean - pivot, biased variance) from Σ(x - p) and Σ(x - p)² over m values."""
+    mean_p = s1 / m
+    d = s2 - s1 * mean_p
+    return mean_p, np.where(d < 0.0, 0.0, d) / m  # torch.clamp_min's: NaN and -0.0 stay
+
+
 def _dev(a: np.ndarray, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
-    """A host array as a tensor on `device` (on CPU the same memory: never write `a` after)."""
+    """A host array as a tensor on `device` (on CPU the same memory: never write `a` after).
+
+    To a GPU through pinned memory, without waiting: a copy from pageable memory would wait for
+    everything queued on the stream before it (the model's next layers included)."""
     t = torch.from_numpy(a)
-    return t if device.type == "cpu" else t.to(device)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +201,11 @@ def verdict(
     hmean: Vec | None
     sd: Vec | None
     if bn.batch:
-        mean_u, var_u, hmean = mom.mean, mom.var, mean
-        sd = torch.sqrt(var_u + bn.eps).cpu().numpy()  # torch's root, as `compare` takes it
-        # (on x's device: a CPU root may differ from a GPU one in the last bit)
+        # torch's root on x's device, as `compare` takes it (a CPU root may differ from a GPU
+        # one in the last bit): Host.of's, or taken here if it was not asked for
+        mean_u, var_u, hmean, sd = mom.mean, mom.var, mean, host.batch_sd
+        if sd is None:
+            sd = torch.sqrt(var_u + bn.eps).cpu().numpy()
     else:
         mean_u, var_u, hmean, sd = bn.rm, bn.rv, host.rm, host.sd
     assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
