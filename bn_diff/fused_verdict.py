@@ -438,9 +438,12 @@ def _eval_slots(
         regions = [part.slot_region(slot, n, length) for slot, _ in group]
         chl = [ch for _, ch in group]
         ci = np.array(chl)
-        cols = [v[ci, None] for v in ctx.host]
-        x, y = _gather(xs, regions, chl), _gather(ys, regions, chl)
-        tops = _diff(x, y, *cols)
+        if _search_on_device(xs):
+            tops = _diff_on_device(xs, ys, regions, chl, np.stack([v[ci, None] for v in ctx.host]))
+        else:
+            cols = [v[ci, None] for v in ctx.host]
+            x, y = _gather(xs, regions, chl), _gather(ys, regions, chl)
+            tops = _diff(x, y, *cols)
         for j, ((ns, ls), ch) in enumerate(zip(regions, chl, strict=True)):
             n0, l0, width = int(ns.start), int(ls.start), int(ls.stop - ls.start)
             pair = []
@@ -517,6 +520,40 @@ def _diff(x: Vec, y: Vec, mean: Vec, sd: Vec, gamma: Vec, beta: Vec) -> tuple[To
 
 
 Top = tuple[list[float], list[int]]
+
+
+def _search_on_device(src: torch.Tensor | np.ndarray) -> bool:  # type: ignore[type-arg]
+    """Whether regions of `src` (from `_source`) are searched where they are: off the CPU."""
+    return isinstance(src, torch.Tensor) and src.device.type != "cpu"
+
+
+def _diff_on_device(
+    xs: torch.Tensor | np.ndarray,  # type: ignore[type-arg]
+    ys: torch.Tensor | np.ndarray,  # type: ignore[type-arg]
+    regions: list[tuple[slice, slice]],
+    chl: list[int],
+    cols: Vec,
+) -> tuple[Top, Top]:
+    """`_diff` where x and y live on a GPU: the regions are searched there with the same
+    operations, in torch, and only each row's greatest values and their first indices come
+    back. Bringing the regions to the host instead (whole channels of a "fold" layer, up to
+    2 x 16 of them) cost ~3 ms per layer on an H200, most of a checked ResNet-50 forward.
+    `cols`: (4, K, 1) mean, sd, gamma, beta of the rows' channels."""
+    assert isinstance(xs, torch.Tensor) and isinstance(ys, torch.Tensor)
+    x, y = (
+        torch.stack([t[ns, ch, ls] for (ns, ls), ch in zip(regions, chl, strict=True)]).flatten(1)
+        for t in (xs, ys)
+    )
+    mean, sd, gamma, beta = _dev(np.ascontiguousarray(cols), x.device).unbind(0)
+    e = (x - mean) / sd  # x's own dtype, converted exactly by type promotion
+    e = e * gamma + beta
+    out = torch.empty((2, *x.shape), dtype=F64, device=x.device)
+    d = torch.sub(y, e, out=out[0]).abs_().nan_to_num_(nan=_INF)
+    rel = torch.div(d, e.abs(), out=out[1])
+    rel.masked_fill_(d == 0, 0.0).nan_to_num_(nan=_INF)
+    best = out.max(dim=2)  # the first index of the greatest, as `compare`'s argmax
+    values, where = torch.stack([best.values, best.indices.to(F64)]).cpu().tolist()
+    return (values[0], [int(w) for w in where[0]]), (values[1], [int(w) for w in where[1]])
 
 
 @overload

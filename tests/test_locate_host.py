@@ -244,3 +244,58 @@ def test_the_tensor_gather_gives_the_numpy_gathers_verdict(monkeypatch: pytest.M
     assert (ca.max_abs_diff, ca.max_abs_index) == (cb.max_abs_diff, cb.max_abs_index)
     assert (ca.max_rel_diff, ca.max_rel_index) == (cb.max_rel_diff, cb.max_rel_index)
     assert ca.mismatched == cb.mismatched == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(1, 3),
+    m=st.integers(1, 12),
+    data=st.data(),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_the_device_search_is_the_host_search_bit_for_bit(
+    k: int, m: int, data: st.DataObject, dtype: torch.dtype
+) -> None:
+    """On a GPU the regions are searched in torch where they are (`_diff_on_device`); run here
+    on CPU tensors, it gives `_diff`'s values and first indices, to the bit."""
+    x = torch.tensor(data.draw(st.lists(xs, min_size=k * m, max_size=k * m)), dtype=F64)
+    y = torch.tensor(data.draw(st.lists(ys, min_size=k * m, max_size=k * m)), dtype=F64)
+    x, y = x.to(dtype).reshape(k, 1, m), y.to(dtype).reshape(k, 1, m)
+    y = torch.where(y.isfinite(), y, torch.zeros((), dtype=dtype))
+    rows = [data.draw(params) for _ in range(k)]
+    cols = np.array([[[r[j]] for r in rows] for j in range(4)], dtype=np.float64)
+    regions = [(slice(i, i + 1), slice(0, m)) for i in range(k)]
+    got = fused_verdict._diff_on_device(x, y, regions, [0] * k, cols)
+    with np.errstate(all="ignore"):
+        want = fused_verdict._diff(
+            x.reshape(k, m).to(F64).numpy().copy(),
+            y.reshape(k, m).to(F64).numpy().copy(),
+            *cols,
+        )
+    for kind in (0, 1):
+        assert [bits(v) for v in got[kind][0]] == [bits(v) for v in want[kind][0]]
+        assert got[kind][1] == want[kind][1]
+
+
+@pytest.mark.parametrize("layout_shape", [(4, 8, 9, 9), (3, 4, 50, 50), (16, 6, 2, 2)])
+def test_the_device_branch_gives_the_host_branchs_verdict(
+    monkeypatch: pytest.MonkeyPatch, layout_shape: tuple[int, ...]
+) -> None:
+    case = make_case(layout_shape, torch.float32, True, seed=4)
+    y = case["y"]
+    assert isinstance(y, torch.Tensor)
+    y = y.clone()
+    y.view(-1)[7] += 0.25
+    case["y"] = y
+    args = (case["x"], y, case["gamma"], case["beta"], case["rm"], case["rv"], True, 1e-5)
+    tol = make_tolerance(None, None)
+    a = fused_check(*args, tol)  # type: ignore[arg-type]
+    monkeypatch.setattr(fused_verdict, "_search_on_device", lambda src: True)
+    monkeypatch.setattr(fused_verdict, "_NUMPY_DTYPES", ())
+    b = fused_check(*args, tol)  # type: ignore[arg-type]
+    assert a is not None and b is not None
+    ca, cb = a.comparison, b.comparison
+    assert torch.equal(ca.channel_max_abs, cb.channel_max_abs)
+    assert (ca.max_abs_diff, ca.max_abs_index) == (cb.max_abs_diff, cb.max_abs_index)
+    assert (ca.max_rel_diff, ca.max_rel_index) == (cb.max_rel_diff, cb.max_rel_index)
+    assert ca.mismatched == cb.mismatched
