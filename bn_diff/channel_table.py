@@ -126,20 +126,12 @@ class ChannelTable(Sequence[ChannelStats]):
         counts = mismatched.reshape(-1)
         n = min([counts.numel(), *(v.numel() for v in present.values())])
         f64 = torch.float64
-        self = cls.__new__(cls)
-        self._n = n
         # on the host: a report holds numbers, not device memory (one transfer on a GPU)
-        self._src = torch.stack(
+        src = torch.stack(
             [v if v.numel() == n and v.dtype == f64 else v[:n].to(f64) for v in present.values()]
         ).cpu()
-        self._rows = {k: i for i, k in enumerate(present)}
-        self._mism = counts[:n].to("cpu", torch.int64, copy=True)
-        self._cols = None
-        self._items = None
-        self._complete = n == 0
-        if n == 0:
-            self._items = []
-        return self
+        rows = {k: i for i, k in enumerate(present)}
+        return cls.adopt(src, rows, counts[:n].to("cpu", torch.int64, copy=True))
 
     @classmethod
     def adopt(
