@@ -47,9 +47,18 @@ def eager_channels(**cols: Any) -> tuple[Any, ...]:
 
 
 class Eager:
-    """Stands in for `ChannelTable` in `bn_diff.pipeline` to time the old way."""
+    """Stands in for `ChannelTable` in `bn_diff.layer_check` to time the old way."""
 
     from_columns = staticmethod(eager_channels)
+
+    @staticmethod
+    def adopt(src: Any, rows: dict[str, int], mismatched: Any) -> tuple[Any, ...]:
+        """What `check_call` hands the table (its host rows), as the old eager tuple."""
+        import torch
+
+        cols: dict[str, Any] = {k: src[rows[k]] if k in rows else None for k in ORDER}
+        cols["mismatched"] = mismatched.to(torch.int64)
+        return eager_channels(**cols)
 
 
 def once(fn: Callable[[], Any]) -> float:
@@ -90,7 +99,7 @@ def main() -> None:
     import torch
 
     import bn_diff
-    from bn_diff import pipeline
+    from bn_diff import layer_check
     from bn_diff.channel_table import ChannelTable
 
     if args.threads:
@@ -104,11 +113,14 @@ def main() -> None:
 
     def checked(eager: bool, health: bool = True) -> Callable[[], Any]:
         def go() -> Any:
-            vars(pipeline)["ChannelTable"] = Eager if eager else ChannelTable
+            vars(layer_check)["ChannelTable"] = Eager if eager else ChannelTable
             try:
-                return bn_diff.run(net, x, mode=args.mode, health=health)
+                report = bn_diff.run(net, x, mode=args.mode, health=health)
             finally:
-                vars(pipeline)["ChannelTable"] = ChannelTable
+                vars(layer_check)["ChannelTable"] = ChannelTable
+            kind = tuple if eager else ChannelTable
+            assert all(isinstance(lr.channels, kind) for lr in report.layers), "patch missed"
+            return report
 
         return go
 

@@ -68,15 +68,14 @@ def instrument() -> None:
         (fused_verdict, "_locate"),
         (fused_verdict, "_exact"),
     ]:
-        if hasattr(mod, name):
-            setattr(mod, name, _timed(name, getattr(mod, name)))
+        setattr(mod, name, _timed(name, getattr(mod, name)))  # a renamed stage fails here
     of = fused_verdict.Host.of.__func__  # type: ignore[attr-defined]
     fused_verdict.Host.of = classmethod(_timed("Host.of", of))  # type: ignore[method-assign,assignment]
     health.HealthCheck.__call__ = _timed("health", health.HealthCheck.__call__)  # type: ignore[method-assign]
     for name in ("__enter__", "__exit__"):
         setattr(capture.Capture, name, _timed(f"Capture.{name}", getattr(capture.Capture, name)))
-    ChannelTable.from_columns = classmethod(  # type: ignore[method-assign,assignment]
-        _timed("ChannelTable.from_columns", ChannelTable.from_columns.__func__)  # type: ignore[attr-defined]
+    ChannelTable.adopt = classmethod(  # type: ignore[method-assign,assignment]
+        _timed("ChannelTable.adopt", ChannelTable.adopt.__func__)  # type: ignore[attr-defined]
     )
 
 

@@ -103,13 +103,18 @@ class Host:
             # splices into them) and of the layer's float64 parameters, which nothing writes
             s1, s2, pivot, xmin, xmax, g, b, *rmv = (t.detach().numpy() for t in vecs)
             hi, lo = part.hi.numpy(), part.lo.numpy()
+            for v in (g, b):  # a float64 model's gamma and beta are its own parameters
+                v.setflags(write=False)
             mean_p, var = _statistics(s1, s2, m)
             if batch_eps is not None:
                 batch_sd = torch.sqrt(torch.from_numpy(var + batch_eps)).numpy()
         else:  # one transfer from the device, the batch's square root taken there first
             if batch_eps is not None:  # the same operations as _statistics', on the device
-                mean_t = t1 / m
-                var_t = torch.clamp_min(t2 - t1 * mean_t, 0.0) / m
+                # divided by a device tensor: by a Python number, CUDA multiplies by its
+                # reciprocal instead (one bit off in about half the quotients)
+                md = torch.full((), m, dtype=F64, device=t1.device)
+                mean_t = t1 / md
+                var_t = torch.clamp_min(t2 - t1 * mean_t, 0.0) / md
                 vecs.append(torch.sqrt(var_t + batch_eps))
             k = len(vecs) * c
             flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()

@@ -94,13 +94,22 @@ def batch_dependence(
     other: Moments = s0 if k == 1 else channel_moments(x[:k])
     # the rest is arithmetic on (C,) vectors: on the host, in NumPy (one transfer from a GPU),
     # with the operations of the torch formulas in their order and torch's square root
-    stacked = torch.stack([s0.min, s0.max, other.mean, other.var, as_f64(call.weight, c, 1.0, dev)])
-    lo, hi, m_o, v_o, gamma = stacked.numpy() if dev.type == "cpu" else stacked.cpu().numpy()
     bm_t, bv_t = batch_moments(result) if moments is None else moments
-    bm, bv = (t.to("cpu", F64).numpy() for t in (bm_t, bv_t))
+    rows = [s0.min, s0.max, other.mean, other.var, as_f64(call.weight, c, 1.0, dev)]
+    if dev.type != "cpu":  # the roots where the torch formulas took them, in the one transfer
+        bv_dev = bv_t.to(dev, F64)
+        rows += [torch.sqrt(bv_dev + call.eps), torch.sqrt(other.var + call.eps)]
+    stacked = torch.stack(rows)
+    lo, hi, m_o, v_o, gamma, *roots = (
+        stacked.numpy() if dev.type == "cpu" else stacked.cpu().numpy()
+    )
+    bm = bm_t.to("cpu", F64).numpy()
     with np.errstate(all="ignore"):
-        sd = np.stack([bv + call.eps, v_o + call.eps])
-        torch.from_numpy(sd).sqrt_()  # torch's root, in place
+        if roots:
+            sd = np.stack(roots)
+        else:
+            sd = np.stack([bv_t.to("cpu", F64).numpy() + call.eps, v_o + call.eps])
+            torch.from_numpy(sd).sqrt_()  # torch's root, in place
         a_batch, a_other = gamma / sd[0], gamma / sd[1]
         # y' - y = a'(x - m') - a(x - m): beta cancels; evaluated at the sample's extremes
         gaps = np.maximum(

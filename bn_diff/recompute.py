@@ -159,7 +159,9 @@ def _merged(x: torch.Tensor) -> Moments:
         tot = n_a + nb
         delta = cm - mean[cs]
         mean[cs] += delta * (nb / tot)
-        m2[cs] += cm2 + delta * delta * (n_a * nb / tot)
+        # a channel's first chunk has no cross term (where δ² overflows, δ²·0 would be NaN)
+        cross = delta * delta * (n_a * nb / tot)
+        m2[cs] += cm2 + torch.where(n_a > 0, cross, 0.0)
         count[cs] = tot
         lo[cs] = torch.minimum(lo[cs], xc.amin(dim=dims))
         hi[cs] = torch.maximum(hi[cs], xc.amax(dim=dims))
@@ -172,8 +174,8 @@ def _merged(x: torch.Tensor) -> Moments:
 
 def _one_chunk(x: torch.Tensor) -> Moments:
     """`channel_moments` of a tensor that is one chunk, without the merge: merging one chunk
-    into the zeros gives the chunk's own numbers (mean 0 + cm·1, m2 0 + cm2 + δ²·0 with δ = cm,
-    finite or not as cm2 is), so these are the same values in a third of the torch calls. The
+    into the zeros gives the chunk's own numbers (mean 0 + cm·1, m2 0 + cm2 + 0: the merge skips
+    a first chunk's cross term), so these are the same values in a third of the torch calls. The
     `+ 0.0` is the merge's: it makes a mean of -0.0 +0.0, as there."""
     dims = reduce_dims(x.dim())
     xc = x.to(F64)

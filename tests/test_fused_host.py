@@ -146,3 +146,52 @@ def test_allowance_same_on_numpy_and_torch(
         *(torch.from_numpy(a) for a in (abs(absmax), mean, sd, gamma, beta)),
     )
     assert torch.equal(torch.from_numpy(host), dev)
+
+
+def _host_pair(
+    train: bool, device: str = "cpu"
+) -> tuple[object, object, float]:  # (host by the CPU branch, host by the transfer branch, eps)
+    from bn_diff import fused
+    from bn_diff.fused_verdict import Host
+
+    case = on(make_case((4, 6, 7, 7), torch.float32, train, seed=11, mean=3.0), device)
+    x, y, g, b = (case[k] for k in ("x", "y", "gamma", "beta"))
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    assert isinstance(g, torch.Tensor) and isinstance(b, torch.Tensor)
+    xv, yv = fused.view3(x), fused.view3(y)
+    assert xv is not None and yv is not None
+    bn = fused.BnArgs(g, b, None, None, True, 1e-5)
+    with kernels.using("eager"):
+        part = fused.fused_pass(xv, yv, bn, 1 << 18)
+    m = int(xv.shape[0] * xv.shape[2])
+    # float32 gamma/beta send Host.of down its one-transfer branch (the GPU's), even on CPU
+    return (
+        Host.of(part, g, b, None, m, 1e-5),
+        Host.of(part, g.float(), b.float(), None, m, 1e-5),
+        1e-5,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_batch_root_is_the_root_of_the_reported_variance(device: str) -> None:
+    """Host.of's two branches (CPU views; one transfer, the batch's root taken on the device)
+    give the same statistics and, to the bit, torch.sqrt of the reported variance + eps on the
+    layer's device. On CUDA a division by a Python number is a multiplication by its
+    reciprocal: the transfer branch divides by a device tensor."""
+    a, b, eps = _host_pair(True, device)
+    for h in (a, b):
+        assert h.batch_sd is not None  # type: ignore[attr-defined]
+        want = torch.sqrt(torch.from_numpy(h.var).to(device) + eps).cpu().numpy()  # type: ignore[attr-defined]
+        assert h.batch_sd.tobytes() == want.tobytes()  # type: ignore[attr-defined]
+    assert a.var.tobytes() == b.var.tobytes()  # type: ignore[attr-defined]
+    assert a.mean_p.tobytes() == b.mean_p.tobytes()  # type: ignore[attr-defined]
+
+
+def test_host_views_of_float64_parameters_are_read_only() -> None:
+    """On CPU Host.of reads gamma and beta in place; for a float64 model those are the model's
+    own parameters, so the views refuse writes."""
+    a, _, _ = _host_pair(True)
+    for v in (a.gamma, a.beta):  # type: ignore[attr-defined]
+        assert not v.flags.writeable
+        with pytest.raises(ValueError):
+            v[0] = 1.0
