@@ -541,9 +541,9 @@ def _diff_on_device(
 ) -> tuple[Top, Top]:
     """`_diff` where x and y live on a GPU: the regions are searched there with the same
     operations, in torch, and only each row's greatest values and their first indices come
-    back. Bringing the regions to the host instead (whole channels of a "fold" layer, up to
-    2 x 16 of them) cost ~3 ms per layer on an H200, most of a checked ResNet-50 forward.
-    `cols`: (4, K, 1) mean, sd, gamma, beta of the rows' channels."""
+    back, instead of the regions themselves (whole channels of a "fold" layer, up to 2 x 16 of
+    them: megabytes per layer through PCIe). `cols`: (4, K, 1) mean, sd, gamma, beta of the rows'
+    channels."""
     assert isinstance(xs, torch.Tensor) and isinstance(ys, torch.Tensor)
     x, y = (
         torch.stack([t[ns, ch, ls] for (ns, ls), ch in zip(regions, chl, strict=True)]).flatten(1)
