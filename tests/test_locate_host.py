@@ -70,6 +70,19 @@ params = st.tuples(
 )
 
 
+def draw_rows(
+    k: int, m: int, data: st.DataObject, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:  # type: ignore[type-arg]
+    """(k, m) rows of x and y in `dtype` (y finite, as in every region the verdict searches) and
+    (4, k, 1) float64 mean, sd, gamma, beta of their channels."""
+    x = torch.tensor(data.draw(st.lists(xs, min_size=k * m, max_size=k * m)), dtype=F64)
+    y = torch.tensor(data.draw(st.lists(ys, min_size=k * m, max_size=k * m)), dtype=F64)
+    x, y = x.to(dtype).reshape(k, m), y.to(dtype).reshape(k, m)
+    y = torch.where(y.isfinite(), y, torch.zeros((), dtype=dtype))
+    rows = [data.draw(params) for _ in range(k)]
+    return x, y, np.array([[[r[j]] for r in rows] for j in range(4)], dtype=np.float64)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     k=st.integers(1, 3),
@@ -83,12 +96,8 @@ def test_host_diff_is_compares_arithmetic_bit_for_bit(
     """Ties, zeros, 0/0, e = ±Inf or NaN (x = ±Inf/NaN, overflow, gamma = 0 times Inf), in rows
     of every dtype: the same values and first indices as `compare`. y is finite, as in every
     region the verdict searches."""
-    x = torch.tensor(data.draw(st.lists(xs, min_size=k * m, max_size=k * m)), dtype=F64)
-    y = torch.tensor(data.draw(st.lists(ys, min_size=k * m, max_size=k * m)), dtype=F64)
-    x, y = x.to(dtype).reshape(k, m), y.to(dtype).reshape(k, m)
-    y = torch.where(y.isfinite(), y, torch.zeros((), dtype=dtype))
-    rows = [data.draw(params) for _ in range(k)]
-    cols = [torch.tensor([[r[j]] for r in rows], dtype=F64) for j in range(4)]
+    x, y, host_cols = draw_rows(k, m, data, dtype)
+    cols = [torch.from_numpy(c) for c in host_cols]
     want = torch_tops(x, y, cols)
     with np.errstate(all="ignore"):
         got = fused_verdict._diff(
@@ -258,12 +267,8 @@ def test_the_device_search_is_the_host_search_bit_for_bit(
 ) -> None:
     """On a GPU the regions are searched in torch where they are (`_diff_on_device`); run here
     on CPU tensors, it gives `_diff`'s values and first indices, to the bit."""
-    x = torch.tensor(data.draw(st.lists(xs, min_size=k * m, max_size=k * m)), dtype=F64)
-    y = torch.tensor(data.draw(st.lists(ys, min_size=k * m, max_size=k * m)), dtype=F64)
-    x, y = x.to(dtype).reshape(k, 1, m), y.to(dtype).reshape(k, 1, m)
-    y = torch.where(y.isfinite(), y, torch.zeros((), dtype=dtype))
-    rows = [data.draw(params) for _ in range(k)]
-    cols = np.array([[[r[j]] for r in rows] for j in range(4)], dtype=np.float64)
+    x2, y2, cols = draw_rows(k, m, data, dtype)
+    x, y = x2.reshape(k, 1, m), y2.reshape(k, 1, m)
     regions = [(slice(i, i + 1), slice(0, m)) for i in range(k)]
     got = fused_verdict._diff_on_device(x, y, regions, [0] * k, cols)
     with np.errstate(all="ignore"):
