@@ -18,12 +18,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:
+    from .recompute import Moments
 
 from .guard import BufferSnapshot, ParamGuard, is_compiled
 
@@ -108,6 +111,9 @@ class BnCall:
     """Whether this call should have written the running buffers (train mode, tracking)."""
     producer: str | None
     module: nn.Module | None
+    sample0: Moments | None = None
+    """Not captured: sample 0's own moments, where the check's pass had them for free
+    (layer_check sets it; health_batch reads it instead of walking x[:1] once more)."""
 
 
 OnBn = Callable[[BnCall], None]

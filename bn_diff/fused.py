@@ -199,6 +199,22 @@ def view3(t: torch.Tensor) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True, slots=True)
+class SampleSums:
+    """Sample 0's own partial results per channel, (C,) float64, where a pass has them at no
+    extra read: the first row of "rows", a by-product of "fold". The health check of batch
+    dependence (health_batch) needs sample 0's moments; from here it need not walk x[:1] again."""
+
+    s1: torch.Tensor
+    """Σ(x - p) over sample 0's values of each channel (p the pass's pivot)."""
+    s2: torch.Tensor
+    """Σ(x - p)²."""
+    xmin: torch.Tensor
+    xmax: torch.Tensor
+    count: int
+    """Values per channel in one sample (L)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Partials:
     """What one pass leaves: partial results per slot (a row of samples) and channel."""
 
@@ -221,6 +237,9 @@ class Partials:
     target: int
     compiled: bool = False
     """Made by the compiled kernel (bn_diff/kernels.py), whose layouts differ from this pass's."""
+    sample0: SampleSums | None = None
+    """Sample 0's own sums, where the layout gave them for free (None: "split", one-value
+    planes, a spliced redo)."""
 
     def splice(self, cs: slice, other: Partials) -> None:
         """Put `other`, a pass over channels cs only, in place of those channels (the same
@@ -231,6 +250,12 @@ class Partials:
         self.s1[:, cs], self.s2[:, cs] = other.s1, other.s2
         self.hi[..., cs], self.lo[..., cs] = other.hi, other.lo
         self.xmin[cs], self.xmax[cs] = other.xmin, other.xmax
+        mine, theirs = self.sample0, other.sample0
+        if mine is not None and theirs is not None:
+            mine.s1[cs], mine.s2[cs] = theirs.s1, theirs.s2
+            mine.xmin[cs], mine.xmax[cs] = theirs.xmin, theirs.xmax
+        elif mine is not None:  # cannot happen in one layout; never keep half of them
+            object.__setattr__(self, "sample0", None)
 
     def slot_region(self, slot: int, n: int, length: int) -> tuple[slice, slice]:
         """(samples, plane segment) that slot `slot` of a channel covers."""
@@ -278,6 +303,7 @@ def fused_pass(
     los: list[torch.Tensor] = []
     xmaxs: list[torch.Tensor] = []
     xmins: list[torch.Tensor] = []
+    firsts: list[tuple[torch.Tensor, ...]] = []  # "fold": sample 0's sums and extremes per block
     for group in groups:
         cs = group[0].cs
         for blk in group:
@@ -285,6 +311,8 @@ def fused_pass(
             s1, s2 = _sums(b3, mode)
             s1s.append(s1)
             s2s.append(s2)
+            if mode == "fold" and per == 1:
+                firsts.append(_first_sums(b3[0][0], xv[0, blk.cs]))
         if coef_all is None:  # train: this group's statistics, then its coefficients
             gs1 = s1s[-1].sum(0) if len(group) == 1 else torch.cat(s1s[-len(group) :]).sum(0)
             gs2 = s2s[-1].sum(0) if len(group) == 1 else torch.cat(s2s[-len(group) :]).sum(0)
@@ -330,17 +358,33 @@ def fused_pass(
         cat = torch.cat(parts, -2)
         return cat.reshape(*cat.shape[:-2], c, per).transpose(-1, -2)
 
+    s1_all, s2_all = slots(s1s), slots(s2s)
+    xmin_all, xmax_all = slots(xmins), slots(xmaxs)
+    first: SampleSums | None = None
+    if mode == "rows":  # slot 0 is sample 0
+        first = SampleSums(s1_all[0], s2_all[0], xmin_all[0].to(F64), xmax_all[0].to(F64), length)
+    elif firsts:
+        f1, f2, fmin, fmax = (torch.cat(parts) for parts in zip(*firsts, strict=True))
+        first = SampleSums(f1, f2, fmin.to(F64), fmax.to(F64), length)
     return Partials(
         layout="split" if per > 1 else ("rows" if mode == "rows" else "fold"),
         pivot=pivot,
-        s1=slots(s1s),
-        s2=slots(s2s),
+        s1=s1_all,
+        s2=s2_all,
         hi=slots(his),
         lo=slots(los),
-        xmin=slots(xmins).amin(0).to(F64),
-        xmax=slots(xmaxs).amax(0).to(F64),
+        xmin=xmin_all.amin(0).to(F64),
+        xmax=xmax_all.amax(0).to(F64),
         target=target,
+        sample0=first,
     )
+
+
+def _first_sums(xp0: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sample 0's Σ(x - p), Σ(x - p)², min x, max x per channel of a "fold" block: xp0 (cb, L)
+    is x - p in the scratch, x0 (cb, L) the block's sample 0 in x's dtype."""
+    s2 = torch.linalg.vector_norm(xp0, dim=1).square_()
+    return xp0.sum(1), s2, x0.amin(1), x0.amax(1)
 
 
 def _compiled_pass(
@@ -374,8 +418,11 @@ def _compiled_pass(
     if out is None:
         return None
     kernels.count_layer()
-    s1r, s2r, hi, lo, xmax, xmin = out
+    s1r, s2r, hi, lo, xmax, xmin, *more = out
+    length = int(xv.shape[2])
     if lay == "fold":  # one slot per channel, whose extremes of x are the channel's
+        # the "train" kernel adds sample 0's sums and extremes (s1, s2, max, min)
+        first = SampleSums(more[0], more[1], more[3], more[2], length) if more else None
         return Partials(
             layout=lay,
             pivot=pivot,
@@ -387,6 +434,7 @@ def _compiled_pass(
             xmax=xmax,
             target=target,
             compiled=True,
+            sample0=first,
         )
     return Partials(
         layout=lay,
@@ -399,6 +447,7 @@ def _compiled_pass(
         xmax=xmax.amax(0),
         target=target,
         compiled=True,
+        sample0=SampleSums(s1r[0], s2r[0], xmin[0], xmax[0], length),
     )
 
 

@@ -78,6 +78,10 @@ class Host:
     batch_sd: Vec | None = None
     """(C,): sqrt(var + eps) of the batch variance, by torch.sqrt on the pass's device (as
     `compare` takes it), where the output was normalized with the batch statistics."""
+    sample0: tuple[Vec, Vec, Vec, Vec] | None = None
+    """(C,) mean, biased variance, min and max of sample 0's values, from `Partials.sample0`;
+    None where the pass had no such sums, or where they are not as good as a two-pass
+    recompute's (a non-finite value, or a channel whose sample 0 lies far from the pivot)."""
 
     @classmethod
     def of(
@@ -97,11 +101,15 @@ class Host:
         t1, t2 = (part.s1[0], part.s2[0]) if len(part.s1) == 1 else (part.s1.sum(0), part.s2.sum(0))
         vecs = [t1, t2, part.pivot, part.xmin, part.xmax, gamma, beta]
         vecs += [] if running is None else list(running)
+        first = part.sample0
+        if first is not None:
+            vecs += [first.s1, first.s2, first.xmin, first.xmax]
         batch_sd: Vec | None = None
         if all(t.device.type == "cpu" and t.dtype == F64 for t in (*vecs, part.hi, part.lo)):
             # read in place: views of the pass's results (a redo makes a new Host before it
             # splices into them) and of the layer's float64 parameters, which nothing writes
             s1, s2, pivot, xmin, xmax, g, b, *rmv = (t.detach().numpy() for t in vecs)
+            sums0, rmv = (rmv[-4:], rmv[:-4]) if first is not None else ([], rmv)
             hi, lo = part.hi.numpy(), part.lo.numpy()
             for v in (g, b):  # a float64 model's gamma and beta are its own parameters
                 v.setflags(write=False)
@@ -121,6 +129,7 @@ class Host:
             s1, s2, pivot, xmin, xmax, g, b, *rmv = flat[:k].reshape(len(vecs), c)
             if batch_eps is not None:
                 batch_sd = rmv.pop()
+            sums0, rmv = (rmv[-4:], rmv[:-4]) if first is not None else ([], rmv)
             hi, lo = flat[k:].reshape(2, *part.hi.shape)
             mean_p, var = _statistics(s1, s2, m)
         poor = np.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
@@ -138,7 +147,23 @@ class Host:
             hi=hi,
             lo=lo,
             batch_sd=batch_sd,
+            sample0=None if first is None else _sample0(sums0, pivot, first.count),
         )
+
+
+def _sample0(sums: list[Vec], pivot: Vec, count: int) -> tuple[Vec, Vec, Vec, Vec] | None:
+    """Sample 0's (mean, var, min, max) from its sums around the pivot, where they are as good
+    as `channel_moments`': every value finite, and every channel's sample-0 mean within
+    sqrt(PIVOT_RATIO) standard deviations of the pivot (the batch's test for poor pivots)."""
+    s1, s2, lo, hi = sums
+    mean_p, var = _statistics(s1, s2, count)
+    if not (np.isfinite(mean_p).all() and np.isfinite(var).all()):
+        return None
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None
+    if (mean_p * mean_p > PIVOT_RATIO * var).any():
+        return None
+    return pivot + mean_p, var, lo, hi
 
 
 def _statistics(s1: Vec, s2: Vec, m: int) -> tuple[Vec, Vec]:
@@ -173,6 +198,8 @@ class FusedResult:
     comparison: Comparison
     exact_channels: int
     """How many channels went through the reference path."""
+    sample0: Moments | None = None
+    """Sample 0's own moments (`Host.sample0`), on x's device; None where the pass had none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +300,11 @@ def verdict(
         max_rel_diff=rel_v,
         max_rel_index=rel_i,
     )
-    return FusedResult(mom, mean_u, var_u, allow, cmp, len(exact))
+    first = None
+    if host.sample0 is not None:
+        m0, v0, lo0, hi0 = (_dev(v, dev) for v in host.sample0)
+        first = Moments(mean=m0, var=v0, min=lo0, max=hi0, count=int(length))
+    return FusedResult(mom, mean_u, var_u, allow, cmp, len(exact), first)
 
 
 def _exact(

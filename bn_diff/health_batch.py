@@ -90,7 +90,8 @@ def batch_dependence(
             return None
         alternative = f"with only the first {k} samples"
     dev = x.device
-    s0 = channel_moments(x[:1])
+    # sample 0's moments from the check's own pass where it had them (call.sample0), else here
+    s0 = call.sample0 if call.sample0 is not None else channel_moments(x[:1])
     other: Moments = s0 if k == 1 else channel_moments(x[:k])
     # the rest is arithmetic on (C,) vectors: on the host, in NumPy (one transfer from a GPU),
     # with the operations of the torch formulas in their order and torch's square root

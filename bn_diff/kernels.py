@@ -258,7 +258,10 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
         makes this one loop nest per channel that sums x, then walks it again for the residuals
         while it is still in the cache: x leaves memory once instead of twice. The
         coefficients are `fused.BnArgs.neg_e`'s formula, rounded the kernel's way, which the
-        verdict's margins cover like any other difference of evaluation order."""
+        verdict's margins cover like any other difference of evaluation order.
+
+        Then sample 0's own Σ(x-p), Σ(x-p)², max and min per channel (`fused.SampleSums`: what
+        the health check of batch dependence needs), read from the same loop's data."""
         xd = x.to(F64) - p
         s1, s2 = xd.sum(reduce), (xd * xd).sum(reduce)
         m = x.shape[0] * x.shape[2]
@@ -266,7 +269,9 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
         a = g / torch.sqrt(var.unsqueeze(-1) + eps)
         hi, lo = residuals(x, y, xd, -a, a * mean_p.unsqueeze(-1) - b)
-        return s1, s2, hi, lo, *x_extremes(x)
+        x0, xd0 = x[:1], xd[:1]
+        first = (xd0.sum(reduce), (xd0 * xd0).sum(reduce), *x_extremes(x0))
+        return s1, s2, hi, lo, *x_extremes(x), *first
 
     out: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
         "full": full,

@@ -41,6 +41,7 @@ def check_call(call: BnCall, tol: Tolerance) -> LayerResult:
     gamma, beta, rm, rv, after = _params(call, c, dev)
     atol, rtol = resolve(tol, y.dtype)
     fast = fused_check(x, y, gamma, beta, rm, rv, call.use_batch_stats, call.eps, tol)
+    call.sample0 = None if fast is None else fast.sample0  # for health_batch
     if fast is not None:  # one fused float64 pass; the reference path where it matters
         mom, allow, cmp = fast.moments, fast.allowance, fast.comparison
     else:

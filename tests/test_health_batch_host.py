@@ -21,10 +21,11 @@ TOL = make_tolerance(None, None)
 
 
 def torch_dependence(call: BnCall, bm: torch.Tensor, bv: torch.Tensor) -> tuple[float, int] | None:
-    """The torch formulas batch_dependence had (sample 0 alone vs in the batch)."""
+    """The torch formulas batch_dependence had (sample 0 alone vs in the batch), with sample 0's
+    moments where batch_dependence takes them: the check's pass's, else channel_moments'."""
     x = call.x.detach()
     c = int(x.shape[1])
-    s0 = channel_moments(x[:1])
+    s0 = call.sample0 if call.sample0 is not None else channel_moments(x[:1])
     gamma = as_f64(call.weight, c, 1.0, x.device)
     a_batch = gamma / torch.sqrt(bv + call.eps)
     a_other = gamma / torch.sqrt(s0.var + call.eps)
