@@ -101,7 +101,7 @@ class Host:
         t1, t2 = (part.s1[0], part.s2[0]) if len(part.s1) == 1 else (part.s1.sum(0), part.s2.sum(0))
         vecs = [t1, t2, part.pivot, part.xmin, part.xmax, gamma, beta]
         vecs += [] if running is None else list(running)
-        first = part.sample0
+        first = part.sample0 if batch_eps is not None else None  # for batch statistics only
         if first is not None:
             vecs += [first.s1, first.s2, first.xmin, first.xmax]
         batch_sd: Vec | None = None
