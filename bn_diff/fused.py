@@ -6,7 +6,7 @@ block of at most `block_elems(device)` elements of x and y is converted to float
 reused scratch buffer, and gives per slot (one sample's plane when planes are large, else all
 samples of a channel, or one block of a huge plane) and channel
   Σ(x - p), Σ(x - p)², min x, max x        (the batch statistics; p a pivot per channel)
-  max and min of y - e and of (y - e)/e     (e = a·(x - p) + b', the by-hand output)
+  max |y - e| and max |(y - e)/e|          (e = a·(x - p) + b', the by-hand output)
 All of it is float64: a channel's max |Δ| is the reference's up to float64 rounding.
 `fused_verdict` turns these partial results into the statistics and the `Comparison`, and sends
 the channels where rounding could matter (near their tolerance, non-finite) through the
@@ -227,10 +227,8 @@ class Partials:
     """(slots, C) float64: Σ(x - p) per slot."""
     s2: torch.Tensor
     """(slots, C) float64: Σ(x - p)² per slot."""
-    hi: torch.Tensor
-    """(2, slots, C) float64: max of y - e and of (y - e)/(-e) (NaN where 0/0 occurred)."""
-    lo: torch.Tensor
-    """(2, slots, C) float64: the minima."""
+    great: torch.Tensor
+    """(2, slots, C) float64: the greatest |y - e| and |(y - e)/e| (NaN where 0/0 occurred)."""
     xmin: torch.Tensor
     """(C,) float64: min of x, taken from x itself (exact)."""
     xmax: torch.Tensor
@@ -249,7 +247,7 @@ class Partials:
             raise ValueError(f"cannot splice a {other.layout} pass into a {self.layout} one")
         self.pivot[cs] = other.pivot
         self.s1[:, cs], self.s2[:, cs] = other.s1, other.s2
-        self.hi[..., cs], self.lo[..., cs] = other.hi, other.lo
+        self.great[..., cs] = other.great
         self.xmin[cs], self.xmax[cs] = other.xmin, other.xmax
         mine, theirs = self.sample0, other.sample0
         if mine is not None and theirs is not None:
@@ -300,8 +298,7 @@ def fused_pass(
 
     s1s: list[torch.Tensor] = []
     s2s: list[torch.Tensor] = []
-    his: list[torch.Tensor] = []
-    los: list[torch.Tensor] = []
+    greats: list[torch.Tensor] = []
     xmaxs: list[torch.Tensor] = []
     xmins: list[torch.Tensor] = []
     firsts: list[tuple[torch.Tensor, ...]] = []  # "fold": sample 0's sums and extremes per block
@@ -344,9 +341,8 @@ def fused_pass(
             r.copy_(yv[blk.ns, blk.cs, blk.ls])
             r.add_(b3[2])  # y - e
             torch.div(r, b3[2], out=b3[2])  # (y - e)/(-e)
-            rq = b3[1:]
-            his.append(_extremes(rq, mode, torch.amax))
-            los.append(_extremes(rq, mode, torch.amin))
+            rq = b3[1:].abs_()
+            greats.append(_extremes(rq, mode, torch.amax))
             xb = xv[blk.ns, blk.cs, blk.ls]
             xmaxs.append(_extremes(xb, mode, torch.amax))
             xmins.append(_extremes(xb, mode, torch.amin))
@@ -372,8 +368,7 @@ def fused_pass(
         pivot=pivot,
         s1=s1_all,
         s2=s2_all,
-        hi=slots(his),
-        lo=slots(los),
+        great=slots(greats),
         xmin=xmin_all.amin(0).to(F64),
         xmax=xmax_all.amax(0).to(F64),
         target=target,
@@ -411,7 +406,7 @@ def _compiled_pass(
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
         na, nb = bn.neg_e(mean_p, var)
         res = kernels.call(lay, "resid", xv, yv, p, na.view(-1, 1), nb.view(-1, 1))
-        out = None if res is None else (sums[0], sums[1], *res, sums[2], sums[3])
+        out = None if res is None else (sums[0], sums[1], res[0], sums[2], sums[3])
     else:
         assert bn.rm is not None and bn.rv is not None
         na, nb = bn.neg_e(bn.rm - pivot, bn.rv)
@@ -419,7 +414,7 @@ def _compiled_pass(
     if out is None:
         return None
     kernels.count_layer()
-    s1r, s2r, hi, lo, xmax, xmin, *more = out
+    s1r, s2r, great, xmax, xmin, *more = out
     length = int(xv.shape[2])
     if lay == "fold":  # one slot per channel, whose extremes of x are the channel's
         # the "train" kernel adds sample 0's sums and extremes (s1, s2, max, min)
@@ -429,8 +424,7 @@ def _compiled_pass(
             pivot=pivot,
             s1=s1r.unsqueeze(0),
             s2=s2r.unsqueeze(0),
-            hi=hi.unsqueeze(1),
-            lo=lo.unsqueeze(1),
+            great=great.unsqueeze(1),
             xmin=xmin,
             xmax=xmax,
             target=target,
@@ -442,8 +436,7 @@ def _compiled_pass(
         pivot=pivot,
         s1=s1r,
         s2=s2r,
-        hi=hi,
-        lo=lo,
+        great=great,
         xmin=xmin.amin(0),
         xmax=xmax.amax(0),
         target=target,

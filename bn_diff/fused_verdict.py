@@ -72,9 +72,8 @@ class Host:
     sd: Vec | None
     """(C,): then sqrt(running_var + eps), by torch.sqrt (as `compare` has it: on CPU it may differ
     from the correctly rounded root in the last bit)."""
-    hi: Vec
-    """(2, slots, C): as `Partials.hi`."""
-    lo: Vec
+    great: Vec
+    """(2, slots, C): as `Partials.great` (read-only: on CPU a view of it)."""
     batch_sd: Vec | None = None
     """(C,): sqrt(var + eps) of the batch variance, by torch.sqrt on the pass's device (as
     `compare` takes it), where the output was normalized with the batch statistics."""
@@ -105,13 +104,13 @@ class Host:
         if first is not None:
             vecs += [first.s1, first.s2, first.xmin, first.xmax]
         batch_sd: Vec | None = None
-        if all(t.device.type == "cpu" and t.dtype == F64 for t in (*vecs, part.hi, part.lo)):
+        if all(t.device.type == "cpu" and t.dtype == F64 for t in (*vecs, part.great)):
             # read in place: views of the pass's results (a redo makes a new Host before it
             # splices into them) and of the layer's float64 parameters, which nothing writes
             s1, s2, pivot, xmin, xmax, g, b, *rmv = (t.detach().numpy() for t in vecs)
             sums0, rmv = (rmv[-4:], rmv[:-4]) if first is not None else ([], rmv)
-            hi, lo = part.hi.numpy(), part.lo.numpy()
-            for v in (g, b):  # a float64 model's gamma and beta are its own parameters
+            great = part.great.numpy()
+            for v in (g, b, great):  # a float64 model's gamma and beta are its own parameters
                 v.setflags(write=False)
             mean_p, var = _statistics(s1, s2, m)
             if batch_eps is not None:
@@ -125,12 +124,12 @@ class Host:
                 var_t = torch.clamp_min(t2 - t1 * mean_t, 0.0) / md
                 vecs.append(torch.sqrt(var_t + batch_eps))
             k = len(vecs) * c
-            flat = torch.cat([*vecs, part.hi.reshape(-1), part.lo.reshape(-1)]).cpu().numpy()
+            flat = torch.cat([*vecs, part.great.reshape(-1)]).cpu().numpy()
             s1, s2, pivot, xmin, xmax, g, b, *rmv = flat[:k].reshape(len(vecs), c)
             if batch_eps is not None:
                 batch_sd = rmv.pop()
             sums0, rmv = (rmv[-4:], rmv[:-4]) if first is not None else ([], rmv)
-            hi, lo = flat[k:].reshape(2, *part.hi.shape)
+            great = flat[k:].reshape(part.great.shape)
             mean_p, var = _statistics(s1, s2, m)
         poor = np.isfinite(mean_p * var) & (mean_p * mean_p > PIVOT_RATIO * var)
         return cls(
@@ -144,8 +143,7 @@ class Host:
             beta=b,
             rm=rmv[0] if rmv else None,
             sd=rmv[1] if rmv else None,
-            hi=hi,
-            lo=lo,
+            great=great,
             batch_sd=batch_sd,
             sample0=None if first is None else _sample0(sums0, pivot, first.count),
         )
@@ -242,7 +240,7 @@ def verdict(
         mean_u, var_u, hmean, sd = bn.rm, bn.rv, host.rm, host.sd
     assert mean_u is not None and var_u is not None and hmean is not None and sd is not None
     # (2, slots, C): the greatest |Δ| and relative |Δ| (NaN where 0/0 occurred) of each slot
-    greatest = np.maximum(host.hi, -host.lo)
+    greatest = host.great.copy()  # _locate writes into it
     r_slot = greatest[0]
     r_ch = r_slot.max(0)
     finite = np.isfinite(mean) & np.isfinite(var_b)

@@ -210,14 +210,14 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
 
     def residuals(
         x: torch.Tensor, y: torch.Tensor, xd: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        """(hi, lo) per slot: max and min of y-e, then of (y-e)/(-e), stacked as (2, *slots), with
-        -e = na·(x-p) + nb and xd = x - p (stacked here: two eager calls fewer per layer)."""
+    ) -> torch.Tensor:
+        """The greatest |y-e| and |(y-e)/(-e)| per slot, stacked as (2, *slots), with
+        -e = na·(x-p) + nb and xd = x - p. Magnitudes, not max and min: what the verdict uses,
+        in two NaN-propagating reductions per element instead of four."""
         ne = na * xd + nb
         r = y.to(F64) + ne
         q = r / ne
-        hi = torch.stack((r.amax(reduce), q.amax(reduce)))
-        return hi, torch.stack((r.amin(reduce), q.amin(reduce)))
+        return torch.stack((r.abs().amax(reduce), q.abs().amax(reduce)))
 
     def x_extremes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """max and min of x per slot, as float64 (exact)."""
@@ -226,12 +226,12 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
     def full(
         x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """Per slot: Σ(x-p), Σ(x-p)², `residuals`' hi and lo, max and min of x; p, na, nb are
-        (C, 1) float64 and -e = na·(x-p) + nb."""
+        """Per slot: Σ(x-p), Σ(x-p)², `residuals`' greatest magnitudes, max and min of x; p, na,
+        nb are (C, 1) float64 and -e = na·(x-p) + nb."""
         xd = x.to(F64) - p
-        hi, lo = residuals(x, y, xd, na, nb)
+        great = residuals(x, y, xd, na, nb)
         s1, s2 = xd.sum(reduce), (xd * xd).sum(reduce)
-        return s1, s2, hi, lo, *x_extremes(x)
+        return s1, s2, great, *x_extremes(x)
 
     def sums(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per slot: Σ(x-p), Σ(x-p)², max x, min x (the statistics pass of train mode)."""
@@ -241,9 +241,9 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
     def resid(
         x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """`full`'s hi and lo alone: the second pass of train mode
+        """`full`'s greatest magnitudes alone: the second pass of train mode
         in "rows", after `sums` (a quarter less work than `full` on ResNet-50's 56x56 planes)."""
-        return residuals(x, y, x.to(F64) - p, na, nb)
+        return (residuals(x, y, x.to(F64) - p, na, nb),)
 
     def train(
         x: torch.Tensor,
@@ -268,10 +268,10 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
         mean_p = s1 / m
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
         a = g / torch.sqrt(var.unsqueeze(-1) + eps)
-        hi, lo = residuals(x, y, xd, -a, a * mean_p.unsqueeze(-1) - b)
+        great = residuals(x, y, xd, -a, a * mean_p.unsqueeze(-1) - b)
         x0, xd0 = x[:1], xd[:1]
         first = (xd0.sum(reduce), (xd0 * xd0).sum(reduce), *x_extremes(x0))
-        return s1, s2, hi, lo, *x_extremes(x), *first
+        return s1, s2, great, *x_extremes(x), *first
 
     out: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
         "full": full,
