@@ -253,15 +253,17 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
         b: torch.Tensor,
         eps: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        """`full` with the batch statistics of each channel as the normalization, in one call:
-        g, b (C, 1) gamma and beta, eps (1, 1). For "fold", where a slot is a channel, inductor
-        makes this one loop nest per channel that sums x, then walks it again for the residuals
-        while it is still in the cache: x leaves memory once instead of twice. The
+        """`full` with the batch statistics of each channel as the normalization, in one call
+        ("fold" only; "rows" keeps `sums` then `resid`: inductor's code for the channel sums of
+        rows inside one call was 1.6x slower, bench/RESULTS.md): g, b (C, 1) gamma and beta,
+        eps (1, 1). Inductor (torch 2.13, CPU) makes one parallel region with two loops over the
+        channels, the sums and then the residuals, so x is read twice; fusing them per channel
+        (its "outer loop fusion", which the float32 extremes of x prevent) measured slower. The
         coefficients are `fused.BnArgs.neg_e`'s formula, rounded the kernel's way, which the
         verdict's margins cover like any other difference of evaluation order.
 
         Then sample 0's own Σ(x-p), Σ(x-p)², max and min per channel (`fused.SampleSums`: what
-        the health check of batch dependence needs), read from the same loop's data."""
+        the health check of batch dependence needs), a loop over 1/N of x."""
         xd = x.to(F64) - p
         s1, s2 = xd.sum(reduce), (xd * xd).sum(reduce)
         m = x.shape[0] * x.shape[2]
