@@ -85,6 +85,7 @@ class _State:
 _state = _State()
 _scoped: ContextVar[str | None] = ContextVar("bn_diff_kernel_policy", default=None)
 _lock = threading.Lock()
+_local = threading.local()
 _compiled: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
@@ -307,19 +308,30 @@ def call(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] |
     """Run kernel `name` ("full", "sums", "resid" or "train") of layout `lay` ("rows" or "fold"); None (and the
     compiled path off for this process) when it cannot be compiled or run."""
     try:
-        import torch._dynamo
-
-        # past dynamo's recompile limit the kernel would silently run eagerly, on whole float64
-        # tensors: raise instead (dtypes, devices and 0/1-sized dimensions each compile once)
-        # and with suppress_errors a failed compile would run it eagerly too, instead of raising
-        with torch._dynamo.config.patch(
-            recompile_limit=64, fail_on_recompile_limit_hit=True, suppress_errors=False
-        ):
+        with _config_patch():
             out = _kernel((lay, name))(*args)
     except Exception as e:  # no compiler, no Triton, an unsupported build: the eager pass serves
         _state.failure = _describe(e)
         return None
     return tuple(out)
+
+
+def _config_patch() -> Any:
+    """Dynamo's settings for a kernel call, as a context manager: past the recompile limit the
+    kernel would silently run eagerly, on whole float64 tensors, so raise instead (dtypes,
+    devices and 0/1-sized dimensions each compile once); with suppress_errors a failed compile
+    would run it eagerly too, instead of raising. One patch object per thread, made once:
+    building it costs more than applying it (a class per call), and older torch keeps a patch's
+    prior values on the object."""
+    patch = getattr(_local, "patch", None)
+    if patch is None:
+        import torch._dynamo
+
+        patch = torch._dynamo.config.patch(
+            recompile_limit=64, fail_on_recompile_limit_hit=True, suppress_errors=False
+        )
+        _local.patch = patch
+    return patch
 
 
 def _describe(e: BaseException) -> str:

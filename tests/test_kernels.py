@@ -487,3 +487,38 @@ def test_a_scoped_policy_is_per_thread() -> None:
         t.join(5)
     assert seen == {"other": "compiled", "main": "eager"}
     assert kernels.policy() == "auto" or kernels.policy() == kernels.env_policy()
+
+
+def test_kernel_calls_leave_dynamo_config_as_found(compiled: None) -> None:
+    """The kernels' dynamo settings (one reused patch object per thread) apply during a call
+    only, also when calls come from several threads."""
+    import threading
+
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    before = (cfg.recompile_limit, cfg.fail_on_recompile_limit_hit, cfg.suppress_errors)
+    seen: list[tuple[object, ...]] = []
+    real = kernels._kernel
+
+    def spy(key: tuple[str, str]) -> object:
+        seen.append((cfg.recompile_limit, cfg.fail_on_recompile_limit_hit, cfg.suppress_errors))
+        return real(key)
+
+    x = torch.randn(2, 3, 4)
+    p = torch.zeros(3, 1, dtype=F64)
+
+    def work() -> None:
+        for _ in range(3):
+            assert kernels.call("fold", "full", x, x, p, p + 1, p) is not None
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_kernel", spy)
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        work()
+        for t in threads:
+            t.join()
+    assert len(seen) == 9 and set(seen) == {(64, True, False)}
+    assert (cfg.recompile_limit, cfg.fail_on_recompile_limit_hit, cfg.suppress_errors) == before
