@@ -8,8 +8,9 @@ mean and variance. Run the same sample with other company and only a, b change: 
 x stay what they are (for this layer; earlier batch-statistics layers add their own share). So the
 change of sample 0's output is, per channel, (a'·x + b') − (a·x + b), an affine function of x whose
 largest magnitude over the sample's values lies at the sample's min or max. That needs only the
-sample's per-channel moments and min/max — one pass over sample 0, no rerun of the model — and it is
-exact, not an estimate.
+sample's per-channel moments and min/max — no rerun of the model — and it is exact, not an
+estimate. The check's own pass usually has them already (`BnCall.sample0`, from
+`fused.SampleSums`); otherwise they take one float64 pass over sample 0 here.
 
 The other company is "alone" (a batch of one) when each sample has at least 2 values per channel
 (conv features: N, C, H, W); for BatchNorm1d on (N, C), where a sample alone has no variance and
