@@ -236,9 +236,9 @@ class Partials:
     compiled: bool = False
     """Made by the compiled kernel (bn_diff/kernels.py), whose layouts differ from this pass's."""
     sample0: SampleSums | None = None
-    """Sample 0's own sums, where the output was normalized with the batch statistics (the only
-    case where health_batch measures batch dependence) and the layout gives them for free (None:
-    running statistics, "split", one-value planes)."""
+    """Sample 0's own sums, where the output was normalized with the batch statistics of at least
+    two samples (the only case where health_batch measures batch dependence) and the layout gives
+    them for free (None: running statistics, a batch of one, "split", one-value planes)."""
 
     def splice(self, cs: slice, other: Partials) -> None:
         """Put `other`, a pass over channels cs only, in place of those channels (the same
@@ -309,7 +309,7 @@ def fused_pass(
             s1, s2 = _sums(b3, mode)
             s1s.append(s1)
             s2s.append(s2)
-            if mode == "fold" and per == 1 and bn.batch:  # for health_batch (batch statistics)
+            if mode == "fold" and per == 1 and bn.batch and n > 1:  # for health_batch
                 firsts.append(_first_sums(b3[0][0], xv[0, blk.cs]))
         if coef_all is None:  # train: this group's statistics, then its coefficients
             gs1 = s1s[-1].sum(0) if len(group) == 1 else torch.cat(s1s[-len(group) :]).sum(0)
@@ -358,7 +358,7 @@ def fused_pass(
     s1_all, s2_all = slots(s1s), slots(s2s)
     xmin_all, xmax_all = slots(xmins), slots(xmaxs)
     first: SampleSums | None = None
-    if mode == "rows" and bn.batch:  # slot 0 is sample 0
+    if mode == "rows" and bn.batch and n > 1:  # slot 0 is sample 0
         first = SampleSums(s1_all[0], s2_all[0], xmin_all[0].to(F64), xmax_all[0].to(F64), length)
     elif firsts:
         f1, f2, fmin, fmax = (torch.cat(parts) for parts in zip(*firsts, strict=True))
@@ -441,7 +441,9 @@ def _compiled_pass(
         xmax=xmax.amax(0),
         target=target,
         compiled=True,
-        sample0=SampleSums(s1r[0], s2r[0], xmin[0], xmax[0], length) if bn.batch else None,
+        sample0=SampleSums(s1r[0], s2r[0], xmin[0], xmax[0], length)
+        if bn.batch and xv.shape[0] > 1
+        else None,
     )
 
 

@@ -272,6 +272,8 @@ def _make(reduce: tuple[int, ...]) -> dict[str, Callable[..., tuple[torch.Tensor
         var = torch.clamp_min(s2 - s1 * mean_p, 0.0) / m
         a = g / torch.sqrt(var.unsqueeze(-1) + eps)
         great = residuals(x, y, xd, -a, a * mean_p.unsqueeze(-1) - b)
+        if x.shape[0] == 1:  # batch dependence needs 2 samples (and dynamo compiles 1 apart)
+            return s1, s2, great, *x_extremes(x)
         x0, xd0 = x[:1], xd[:1]
         first = (xd0.sum(reduce), (xd0 * xd0).sum(reduce), *x_extremes(x0))
         return s1, s2, great, *x_extremes(x), *first

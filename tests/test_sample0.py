@@ -219,3 +219,9 @@ def test_both_host_branches_unpack_the_same_sample0(train: bool) -> None:
         assert u.tobytes() == v.tobytes()
     ref = channel_moments(x[:1])
     assert views.sample0[2].tobytes() == ref.min.numpy().tobytes()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (1, 3, 48, 48)])
+def test_a_batch_of_one_keeps_none(policy: str, shape: tuple[int, ...]) -> None:
+    """Batch dependence needs two samples: a batch of one spends nothing on sample 0."""
+    assert sample0_of(make_case(shape, torch.float32, True, 6)) is None
