@@ -123,7 +123,7 @@ def test_a_redone_layer_keeps_them_right(policy: str, side: int) -> None:
 
 
 def one_call(x: torch.Tensor) -> BnCall:
-    bn = nn.BatchNorm2d(int(x.shape[1])).train()
+    bn = nn.BatchNorm2d(int(x.shape[1])).to(x.device).train()
     calls: list[BnCall] = []
     with torch.no_grad(), Capture(nn.Sequential(bn), calls.append, "as-is"):
         bn(x)
@@ -225,3 +225,28 @@ def test_both_host_branches_unpack_the_same_sample0(train: bool) -> None:
 def test_a_batch_of_one_keeps_none(policy: str, shape: tuple[int, ...]) -> None:
     """Batch dependence needs two samples: a batch of one spends nothing on sample 0."""
     assert sample0_of(make_case(shape, torch.float32, True, 6)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sample0_on_cuda(policy: str, shape: tuple[int, ...]) -> None:
+    """On a GPU the sums come to the host in Host.of's one transfer and the moments go back to
+    the device (pinned, without waiting): the same numbers as channel_moments there, and
+    batch_dependence takes its roots on the device from them."""
+    case = {
+        k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+        for k, v in make_case(shape, torch.float32, True, 8, 2.0).items()
+    }
+    got = sample0_of(case)
+    x = case["x"]
+    assert got is not None and isinstance(x, torch.Tensor)
+    assert got.mean.device.type == "cuda"
+    assert_close_to_two_pass(got, x)
+    call = one_call(x)
+    result = check_call(call, TOL)
+    assert call.sample0 is not None
+    dep = batch_dependence(call, result)
+    call.sample0 = None
+    want = batch_dependence(call, result)
+    assert dep is not None and want is not None
+    assert dep.gap == pytest.approx(want.gap, rel=1e-12)
