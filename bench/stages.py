@@ -34,7 +34,16 @@ import models  # noqa: E402
 import torch  # noqa: E402
 
 import bn_diff  # noqa: E402
-from bn_diff import capture, fused, fused_verdict, health, kernels, layer_check, pipeline  # noqa: E402
+from bn_diff import (  # noqa: E402
+    capture,
+    fused,
+    fused_locate,
+    fused_verdict,
+    health,
+    kernels,
+    layer_check,
+    pipeline,
+)
 from bn_diff.channel_table import ChannelTable  # noqa: E402
 
 _acc: collections.defaultdict[str, float] = collections.defaultdict(float)
@@ -65,7 +74,7 @@ def instrument() -> None:
         (kernels, "call"),
         (kernels, "wanted"),
         (fused_verdict, "verdict"),
-        (fused_verdict, "_locate"),
+        (fused_locate, "locate"),
         (fused_verdict, "_exact"),
     ]:
         setattr(mod, name, _timed(name, getattr(mod, name)))  # a renamed stage fails here

@@ -1,4 +1,4 @@
-"""Locating the greatest differences on the host (bn_diff/fused_verdict.py: `_gather`, `_diff`).
+"""Locating the greatest differences on the host (bn_diff/fused_locate.py: `_gather`, `_diff`).
 
 The fused verdict searches the few regions that can hold the greatest |Δ| and relative |Δ| in
 NumPy float64. These tests pin that the host search gives what `compare`'s torch arithmetic
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_fused import both, by_hand, make_case  # noqa: E402
 
-from bn_diff import fused, fused_verdict, kernels  # noqa: E402
+from bn_diff import fused, fused_locate, kernels  # noqa: E402
 from bn_diff.fused import fused_check, region  # noqa: E402
 from bn_diff.pipeline import make_tolerance  # noqa: E402
 from bn_diff.recompute import F64  # noqa: E402
@@ -100,7 +100,7 @@ def test_host_diff_is_compares_arithmetic_bit_for_bit(
     cols = [torch.from_numpy(c) for c in host_cols]
     want = torch_tops(x, y, cols)
     with np.errstate(all="ignore"):
-        got = fused_verdict._diff(
+        got = fused_locate._diff(
             x.to(F64).numpy().copy(), y.to(F64).numpy().copy(), *(c.numpy() for c in cols)
         )
     for kind in (0, 1):
@@ -139,10 +139,10 @@ def test_gather_reads_any_strides_and_the_tensor_path_alike(
         chl = [4, 1, 5][: len(regions)]
         want = torch.stack([v[ns, ch, ls] for (ns, ls), ch in zip(regions, chl, strict=True)])
         want64 = want.to(F64).reshape(len(chl), -1).numpy()
-        (src,) = fused_verdict._source(v)
+        (src,) = fused_locate._source(v)
         assert isinstance(src, np.ndarray) == (dtype != torch.bfloat16)
         for s in (src, v):
-            got = fused_verdict._gather(s, regions, chl)
+            got = fused_locate._gather(s, regions, chl)
             assert got.dtype == np.float64 and got.shape == want64.shape
             assert got.tobytes() == want64.tobytes()
 
@@ -244,7 +244,7 @@ def test_the_tensor_gather_gives_the_numpy_gathers_verdict(monkeypatch: pytest.M
     args = (case["x"], y, case["gamma"], case["beta"], case["rm"], case["rv"], False, 1e-5)
     tol = make_tolerance(None, None)
     a = fused_check(*args, tol)  # type: ignore[arg-type]
-    monkeypatch.setattr(fused_verdict, "_NUMPY_DTYPES", ())
+    monkeypatch.setattr(fused_locate, "_NUMPY_DTYPES", ())
     b = fused_check(*args, tol)  # type: ignore[arg-type]
     assert a is not None and b is not None
     ca, cb = a.comparison, b.comparison
@@ -270,9 +270,9 @@ def test_the_device_search_is_the_host_search_bit_for_bit(
     x2, y2, cols = draw_rows(k, m, data, dtype)
     x, y = x2.reshape(k, 1, m), y2.reshape(k, 1, m)
     regions = [(slice(i, i + 1), slice(0, m)) for i in range(k)]
-    got = fused_verdict._diff_on_device(x, y, regions, [0] * k, cols)
+    got = fused_locate._diff_on_device(x, y, regions, [0] * k, cols)
     with np.errstate(all="ignore"):
-        want = fused_verdict._diff(
+        want = fused_locate._diff(
             x.reshape(k, m).to(F64).numpy().copy(),
             y.reshape(k, m).to(F64).numpy().copy(),
             *cols,
@@ -295,8 +295,8 @@ def test_the_device_branch_gives_the_host_branchs_verdict(
     args = (case["x"], y, case["gamma"], case["beta"], case["rm"], case["rv"], True, 1e-5)
     tol = make_tolerance(None, None)
     a = fused_check(*args, tol)  # type: ignore[arg-type]
-    monkeypatch.setattr(fused_verdict, "_search_on_device", lambda src: True)
-    monkeypatch.setattr(fused_verdict, "_NUMPY_DTYPES", ())
+    monkeypatch.setattr(fused_locate, "_search_on_device", lambda src: True)
+    monkeypatch.setattr(fused_locate, "_NUMPY_DTYPES", ())
     b = fused_check(*args, tol)  # type: ignore[arg-type]
     assert a is not None and b is not None
     ca, cb = a.comparison, b.comparison
