@@ -155,16 +155,16 @@ class Partials:
         layout and slots: a broadcast would silently mix them)."""
         if other.layout != self.layout or other.s1.shape[0] != self.s1.shape[0]:
             raise ValueError(f"cannot splice a {other.layout} pass into a {self.layout} one")
+        mine, theirs = self.sample0, other.sample0
+        if mine is not None and theirs is None:  # half of sample 0's sums would be stale
+            raise ValueError("cannot splice a pass without sample 0's sums into one with them")
         self.pivot[cs] = other.pivot
         self.s1[:, cs], self.s2[:, cs] = other.s1, other.s2
         self.great[..., cs] = other.great
         self.xmin[cs], self.xmax[cs] = other.xmin, other.xmax
-        mine, theirs = self.sample0, other.sample0
         if mine is not None and theirs is not None:
             mine.s1[cs], mine.s2[cs] = theirs.s1, theirs.s2
             mine.xmin[cs], mine.xmax[cs] = theirs.xmin, theirs.xmax
-        elif mine is not None:  # cannot happen in one layout; never keep half of them
-            object.__setattr__(self, "sample0", None)
 
     def slot_region(self, slot: int, n: int, length: int) -> tuple[slice, slice]:
         """(samples, plane segment) that slot `slot` of a channel covers."""

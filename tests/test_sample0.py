@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fused import make_case
+from test_health_batch_host import one_call as health_batch_call
 from test_kernels import poorly_pivoted_case
-from torch import nn
 
 from bn_diff import fused, kernels
-from bn_diff.capture import BnCall, Capture
+from bn_diff.capture import BnCall
 from bn_diff.fused import fused_check
 from bn_diff.health_batch import batch_dependence
 from bn_diff.pipeline import check_call, make_tolerance
@@ -123,11 +123,8 @@ def test_a_redone_layer_keeps_them_right(policy: str, side: int) -> None:
 
 
 def one_call(x: torch.Tensor) -> BnCall:
-    bn = nn.BatchNorm2d(int(x.shape[1])).to(x.device).train()
-    calls: list[BnCall] = []
-    with torch.no_grad(), Capture(nn.Sequential(bn), calls.append, "as-is"):
-        bn(x)
-    return calls[0]
+    """One train-mode BatchNorm2d call on x (gamma 1, beta 0)."""
+    return health_batch_call(x, None, 1e-5)
 
 
 def test_a_sample_far_from_the_pivot_falls_back_to_two_passes(policy: str) -> None:
