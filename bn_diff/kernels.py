@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from . import kernels_direct
+
 F64 = torch.float64
 POLICIES = ("auto", "compiled", "eager")
 ENV = "BN_DIFF_KERNEL"
@@ -297,21 +299,32 @@ def layout(length: int) -> str:
 
 
 def _kernel(key: tuple[str, str]) -> Callable[..., Any]:
+    """Kernel `key`, compiled at its first call: by inductor without dynamo where this torch
+    can (bn_diff/kernels_direct.py: a few µs a call instead of dynamo's ~50-300), else by
+    torch.compile."""
     with _lock:
         fn = _compiled.get(key)
         if fn is None:
             src = _SOURCES[key[0]][key[1]]
-            fn = torch.compile(src, dynamic=True, fullgraph=True, options=_options())
+            if kernels_direct.available():
+                fn = kernels_direct.Direct(src, _options())
+            else:
+                fn = torch.compile(src, dynamic=True, fullgraph=True, options=_options())
             _compiled[key] = fn
         return fn
 
 
 def call(lay: str, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """Run kernel `name` ("full", "sums", "resid" or "train") of layout `lay` ("rows" or "fold"); None (and the
-    compiled path off for this process) when it cannot be compiled or run."""
+    """Run kernel `name` ("full", "sums", "resid" or "train") of layout `lay` ("rows" or
+    "fold"); None (and the compiled path off for this process) when it cannot be compiled or
+    run."""
     try:
-        with _config_patch():
-            out = _kernel((lay, name))(*args)
+        fn = _kernel((lay, name))
+        if isinstance(fn, kernels_direct.Direct):  # no dynamo: none of its settings apply
+            out = fn(*args)
+        else:
+            with _config_patch():
+                out = fn(*args)
     except Exception as e:  # no compiler, no Triton, an unsupported build: the eager pass serves
         _state.failure = _describe(e)
         return None

@@ -25,7 +25,7 @@ from test_fused import assert_same, make_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_diff
-from bn_diff import fused, kernels
+from bn_diff import fused, kernels, kernels_direct
 from bn_diff.fused import fused_check
 from bn_diff.pipeline import make_tolerance
 from bn_diff.recompute import F64
@@ -44,6 +44,18 @@ def compiled() -> Iterator[None]:
     finally:
         kernels.set_policy(None)
         kernels.reset()
+
+
+@pytest.fixture
+def dynamo_path(compiled: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The kernels as torch.compile makes them: what a torch without inductor's standalone
+    compile gets (bn_diff/kernels_direct.py)."""
+    monkeypatch.setattr(kernels_direct, "available", lambda: False)
+    kernels._compiled.clear()
+    try:
+        yield
+    finally:
+        kernels._compiled.clear()
 
 
 def used() -> int:
@@ -331,7 +343,7 @@ def test_no_kernel_when_dynamo_is_disabled(compiled: None, monkeypatch: pytest.M
 
 
 def test_a_suppressed_compile_error_still_falls_back_cleanly(
-    compiled: None, monkeypatch: pytest.MonkeyPatch
+    dynamo_path: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With dynamo's suppress_errors on, a failing compile would run the kernel's source eagerly
     (whole float64 tensors); bn-diff turns it off for its own calls, so the failure is seen."""
@@ -489,7 +501,7 @@ def test_a_scoped_policy_is_per_thread() -> None:
     assert kernels.policy() == "auto" or kernels.policy() == kernels.env_policy()
 
 
-def test_kernel_calls_leave_dynamo_config_as_found(compiled: None) -> None:
+def test_kernel_calls_leave_dynamo_config_as_found(dynamo_path: None) -> None:
     """The kernels' dynamo settings (one reused patch object per thread) apply during a call
     only, also when calls come from several threads."""
     import threading
@@ -502,8 +514,13 @@ def test_kernel_calls_leave_dynamo_config_as_found(compiled: None) -> None:
     real = kernels._kernel
 
     def spy(key: tuple[str, str]) -> object:
-        seen.append((cfg.recompile_limit, cfg.fail_on_recompile_limit_hit, cfg.suppress_errors))
-        return real(key)
+        fn = real(key)
+
+        def during(*args: torch.Tensor) -> object:
+            seen.append((cfg.recompile_limit, cfg.fail_on_recompile_limit_hit, cfg.suppress_errors))
+            return fn(*args)
+
+        return during
 
     x = torch.randn(2, 3, 4)
     p = torch.zeros(3, 1, dtype=F64)
