@@ -529,3 +529,22 @@ def test_adopted_table_reads_like_one_built_from_columns() -> None:
     assert same(tuple(t), tuple(want)) and t == want
     fresh = ChannelTable.adopt(src, rows, counts)
     assert same(pickle.loads(pickle.dumps(fresh)), want)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [0.0, -0.0, 1.5, -2.0, 65504.0, 1e30, -1e300, math.nan, math.inf, -math.inf]
+        ),
+        max_size=12,
+    ),
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, F64]),
+    st.sampled_from([(-1,), (1, -1)]),
+)
+def test_the_input_check_is_isfinite_all(
+    values: list[float], dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """`nonfinite_input`'s test (greatest and least values finite) is torch.isfinite(t).all()."""
+    t = torch.tensor(values, dtype=F64).to(dtype).reshape(shape)
+    assert pipeline.all_finite(t) == bool(torch.isfinite(t).all())
