@@ -20,6 +20,7 @@ second process loads it instead of compiling again.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Sequence
 from types import CodeType
@@ -73,6 +74,9 @@ class Direct:
                     f"recompile limit: more than {VARIANTS} shape or dtype variants of one kernel"
                 )
             fn, guard = _build(self.source, args, self.options)
+            # the trace and the compile leave cyclic garbage (graph nodes, fake tensors, their
+            # shape environment) that a run's paused collector would keep through the forward
+            gc.collect()
             if not _holds(guard, args):  # cannot happen: the trace's own arguments
                 raise RuntimeError(
                     "a compiled kernel's guards reject the arguments it was traced on"

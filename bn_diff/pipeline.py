@@ -174,9 +174,7 @@ def _run(
         extensions = [HealthCheck(model, mode), *extensions]
 
     nonfinite = [
-        i
-        for i, t in enumerate(inp.tensors())
-        if t.is_floating_point() and not all_finite(t)
+        i for i, t in enumerate(inp.tensors()) if t.is_floating_point() and not all_finite(t)
     ]
     if nonfinite:
         findings.append(
