@@ -1,4 +1,4 @@
-"""The fused pass as one compiled kernel per layer (torch.compile: C++ on CPU, Triton on a GPU).
+"""The fused pass as one compiled kernel per layer (inductor: C++ on CPU, Triton on a GPU).
 
 `fused.fused_pass` walks x and y in cache-sized blocks with a dozen eager torch calls per block;
 each call writes a float64 temporary, so the pass moves ~160 bytes per element through the caches.
@@ -13,6 +13,9 @@ resident memory for inductor itself), so the policy decides when it pays:
   "compiled"  compile at the first eligible layer;
   "auto"      compile once this process has checked AUTO_ELEMS elements (a long loop of runs, or
               one huge activation), when the compile is a small part of the work left.
+Where this torch's inductor has `standalone_compile` (with a `fake_mode`) the kernels are compiled
+from a symbolic trace and called without dynamo (bn_diff/kernels_direct.py: ~20 µs a call instead
+of ~50, ~300 inside a hook); elsewhere by torch.compile, under `_config_patch`.
 Where compiling or running a kernel fails (no C++ compiler, no Triton, an unsupported build, too
 many shape variants), the reason is kept in `status()["failure"]`, no kernel is tried again in this
 process whatever the policy says, and the layer is checked by the eager pass: results never depend

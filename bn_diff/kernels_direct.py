@@ -21,6 +21,7 @@ second process loads it instead of compiling again.
 from __future__ import annotations
 
 import gc
+import inspect
 import threading
 from collections.abc import Callable, Sequence
 from types import CodeType
@@ -36,12 +37,21 @@ Signature = tuple[tuple[torch.dtype, torch.device, int], ...]
 
 
 def available() -> bool:
-    """Whether this torch can compile a standalone graph (torch >= 2.8)."""
-    try:
-        import torch._inductor
-    except ImportError:  # a build without inductor
-        return False
-    return hasattr(torch._inductor, "standalone_compile")
+    """Whether this torch's inductor compiles a standalone graph in a given fake mode (the
+    `standalone_compile` of recent releases; older ones lack it or its `fake_mode`)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            import torch._inductor
+
+            params = inspect.signature(torch._inductor.standalone_compile).parameters
+            _AVAILABLE = "fake_mode" in params and "dynamic_shapes" in params
+        except (ImportError, AttributeError, TypeError, ValueError):
+            _AVAILABLE = False
+    return _AVAILABLE
+
+
+_AVAILABLE: bool | None = None
 
 
 class Direct:
