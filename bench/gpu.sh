@@ -27,7 +27,7 @@ PY
 timeout 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_kernels.py \
     tests/test_fused.py tests/test_fused_host.py tests/test_health_cuda.py tests/test_health_screen.py \
     tests/test_channel_table.py tests/test_tf32.py tests/test_no_mutation.py \
-    tests/test_health_batch_host.py tests/test_sample0.py \
+    tests/test_health_batch_host.py tests/test_sample0.py tests/test_kernels_direct.py \
     2>&1 | tail -15 || echo "pytest: exit $?"
 
 timeout 240 python3 bench/bench_run.py --device cuda --models resnet50 --batches 64 --pairs 5 \

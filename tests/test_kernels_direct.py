@@ -196,3 +196,18 @@ def test_signature_tells_dtypes_devices_and_dimensions_apart() -> None:
     assert sig((a,)) == sig((torch.ones(5, 7),))
     assert sig((a,)) != sig((a.double(),))
     assert sig((a,)) != sig((a.view(6),))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_give_dynamos_bits_and_keep_devices_apart() -> None:
+    """On a GPU (Triton): the same bits as torch.compile's kernel, and a CPU call after a CUDA
+    one compiles its own variant (the device is part of a variant's signature)."""
+    k = kernels_direct.Direct(kernels._SOURCES["fold"]["train"], kernels._options())
+    for shape in [(4, 6, 49), (3, 7, 50)]:
+        cpu = train_args(*shape)
+        gpu = tuple(a.cuda() for a in cpu)
+        assert same(tuple(k(*gpu)), by_dynamo("train", *gpu)), shape
+    assert k.variants == 1
+    cpu = train_args(2, 3, 5)
+    assert same(tuple(k(*cpu)), by_dynamo("train", *cpu))
+    assert k.variants == 2
