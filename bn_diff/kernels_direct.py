@@ -24,7 +24,6 @@ import gc
 import inspect
 import threading
 from collections.abc import Callable, Sequence
-from types import CodeType
 from typing import Any
 
 import torch
@@ -34,6 +33,8 @@ VARIANTS = 64
 kernels.py allows dynamo's recompiles."""
 
 Signature = tuple[tuple[torch.dtype, torch.device, int], ...]
+Guard = Callable[[dict[str, torch.Tensor]], bool]
+"""The shape environment's guards as a function of {"t0": first argument, ...}."""
 
 
 def available() -> bool:
@@ -60,7 +61,7 @@ class Direct:
     def __init__(self, source: Callable[..., Any], options: dict[str, Any]) -> None:
         self.source = source
         self.options = options
-        self._variants: list[tuple[Signature, CodeType, Callable[..., Any]]] = []
+        self._variants: list[tuple[Signature, Guard, Callable[..., Any]]] = []
         self._lock = threading.Lock()
 
     def __call__(self, *args: torch.Tensor) -> Any:
@@ -100,24 +101,22 @@ def signature(args: Sequence[torch.Tensor]) -> Signature:
     return tuple((a.dtype, a.device, a.dim()) for a in args)
 
 
-def _holds(guard: CodeType, args: Sequence[torch.Tensor]) -> bool:
-    """The shape environment's guards on `args` (ShapeEnv.evaluate_guards_expression, compiled
-    once); False where the expression cannot even be evaluated on them."""
-    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-
+def _holds(guard: Guard, args: Sequence[torch.Tensor]) -> bool:
+    """The guards on `args`; False where they cannot even be evaluated on them."""
     try:
-        return bool(eval(guard, SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(args)}}))
+        return bool(guard({f"t{i}": a for i, a in enumerate(args)}))
     except (IndexError, TypeError, AttributeError):
         return False
 
 
 def _build(
     source: Callable[..., Any], args: Sequence[torch.Tensor], options: dict[str, Any]
-) -> tuple[Callable[..., Any], CodeType]:
+) -> tuple[Callable[..., Any], Guard]:
     """Trace `source` on `args` with symbolic sizes, compile it, and compile its guards."""
     import torch._inductor
     import torch.fx.experimental._config as fx_config
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
     def plain(*a: torch.Tensor) -> Any:
         # no annotations: a traced function's return annotation becomes a global of the graph's
@@ -142,8 +141,12 @@ def _build(
         options={"config_patches": options},
     )
     # after the compile: inductor may add guards of its own to the trace's shape environment
-    text = env.produce_guards_expression(fakes, ignore_static=False)
-    return art, compile(text or "True", "<bn-diff kernel guards>", "eval")
+    text = env.produce_guards_expression(fakes, ignore_static=False) or "True"
+    # ShapeEnv.evaluate_guards_expression's evaluation, compiled once into a function
+    guard: Guard = eval(
+        compile(f"lambda L: {text}", "<bn-diff kernel guards>", "eval"), dict(SYMPY_INTERP)
+    )
+    return art, guard
 
 
 __all__ = ["VARIANTS", "Direct", "available", "signature"]
