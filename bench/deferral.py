@@ -27,9 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import models  # noqa: E402
 import torch  # noqa: E402
+from floor import alternate  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bn_diff import kernels, pipeline  # noqa: E402
@@ -108,12 +110,7 @@ def timings(net: nn.Module, x: torch.Tensor, rounds: int) -> None:
             f()
     for v in spent.values():
         v.clear()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, f in cases.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = alternate(cases, rounds)
     base = statistics.median(times["plain forward"])
     print(f"| {'median of ' + str(rounds):28s} | ms | over plain (ms) |")
     print("|---|---|---|")

@@ -35,6 +35,18 @@ from bn_diff.capture import BnCall, Capture  # noqa: E402
 F64 = torch.float64
 
 
+def alternate(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds each case took in each of `rounds` rounds, the cases run in turn within a round
+    (so that the machine's slow and fast spells fall on all of them)."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, f in cases.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
 def part1(batch: int, rounds: int) -> None:
     net = models.calibrate(models.resnet50_style(), (8, 3, 64, 64), batches=2).eval()
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -63,12 +75,7 @@ def part1(batch: int, rounds: int) -> None:
     }
     for f in cases.values():  # warm-up (compiles)
         f()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, f in cases.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = alternate(cases, rounds)
     base = statistics.median(times["plain forward"])
     print(f"| ResNet-50-style, batch {batch}, eval | median (ms) | ratio |")
     print("|---|---|---|")
